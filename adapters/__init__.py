@@ -1,0 +1,1 @@
+"""Engine adapters: vLLM (`pagedinfer.adapters.vllm`) and SGLang (`pagedinfer.adapters.sglang`)."""

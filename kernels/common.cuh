@@ -1,0 +1,93 @@
+// The few primitives every pagedinfer kernel uses. No CUDA headers are included (NVRTC compiles this in
+// milliseconds): 16-bit floats travel as raw bits and are converted with single PTX instructions.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+// Element-type tags: the kernels are templates over these.
+struct bf16 {};
+struct fp16 {};
+
+template <typename T> struct Half;
+
+template <> struct Half<bf16> {
+  // bf16 is the top half of an fp32: widening is a shift.
+  static __device__ __forceinline__ float2 unpack2(u32 x) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  }
+  static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
+template <> struct Half<fp16> {
+  static __device__ __forceinline__ float2 unpack2(u32 x) {
+    float lo, hi;
+    asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(x));
+    return make_float2(lo, hi);
+  }
+  static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
+// ------------------------------------------------------------------------------------ math
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, <= 1024); every thread gets the total.
+__device__ __forceinline__ int block_sum(int x) {
+  __shared__ int partial[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  x = lane < (blockDim.x >> 5) ? partial[lane] : 0;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ------------------------------------------------------------------------------------ memory
+
+// Copy units of N bytes: 16 for aligned rows, the element size otherwise.
+template <int N> struct Bytes;
+template <> struct Bytes<16> { typedef uint4 T; };
+template <> struct Bytes<8> { typedef uint2 T; };
+template <> struct Bytes<4> { typedef u32 T; };
+template <> struct Bytes<2> { typedef u16 T; };
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy that bypasses L1; with valid == false the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}

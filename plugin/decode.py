@@ -1,0 +1,251 @@
+"""Batch decode: one query token per request against a paged KV cache, grouped-query attention.
+
+    wrapper = DecodeWrapper()                     # once
+    wrapper.plan(table, num_qo_heads=32, num_kv_heads=8, head_dim=128)   # once per step, host side
+    out = wrapper.run(q, kv_cache)                # per layer: one launch, no host decision
+
+`plan` turns the page table into a work list (requests split into chunks when the batch cannot fill the
+GPU) and sends it, with the page ids when they come from the host, to the device in one copy. `run` makes
+no host decision and allocates nothing but the outputs it is not given, so it can be captured in a CUDA
+graph. With `use_cuda_graph=True` every device buffer has a fixed address and the grid a fixed size, so a
+graph captured once stays correct after any later `plan` that fits the capacities.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import plan as planning
+from .paged import BlockTable, PageTable, as_paged_kv_cache
+from .validate import (HALF_DTYPES, check_group, check_head_dim, check_shape, check_sm_scale, check_soft_cap,
+                       check_tensor, check_window, fail)
+
+LOG2E = 1.4426950408889634
+_THREADS = 256
+_CTAS_PER_SM = 2
+_STAGES = 4
+_DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# A representative set for the CI compile check: every dtype, head dim, soft-cap flag, and groups and page
+# sizes at both ends and in between. Other combinations compile on first use.
+SPECIALIZATIONS = [("decode.cu", f"decode<{t}, {d}, {g}, {p}, {c}>") for t, d, g, p, c in [
+    ("bf16", 128, 4, 16, "false"), ("fp16", 64, 3, 1, "true"), ("bf16", 80, 5, 256, "false"),
+    ("fp16", 96, 8, 32, "true"), ("bf16", 256, 16, 8, "false"), ("bf16", 64, 1, 64, "false"),
+    ("fp16", 128, 7, 128, "false")]]
+
+
+def _tile(head_dim: int) -> int:
+    """Tokens per pipeline stage; mirrors Shape::TILE in decode.cu."""
+    vectors = head_dim // 8
+    threads_per_row = 8 if vectors <= 8 else 16 if vectors <= 16 else 32
+    return 512 // threads_per_row
+
+
+def _smem_bytes(head_dim: int) -> int:
+    return _STAGES * 2 * _tile(head_dim) * head_dim * 2
+
+
+class DecodeWrapper:
+    def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 max_batch_size: int | None = None, max_pages: int | None = None):
+        """`use_cuda_graph=True` fixes every buffer at the first plan: give the largest batch
+        (`max_batch_size`) and the most page ids (`max_pages`, the summed page count of a batch) it will see."""
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.kv_layout = kv_layout
+        self.use_cuda_graph = use_cuda_graph
+        if use_cuda_graph and (not max_batch_size or not max_pages or max_batch_size < 1 or max_pages < 1):
+            fail("max_batch_size, max_pages", "positive capacities when use_cuda_graph=True",
+                 (max_batch_size, max_pages))
+        self.max_batch_size, self.max_pages = max_batch_size, max_pages
+        self._plan = None
+        self._buffers = None  # device buffers, grown in eager mode, fixed in CUDA-graph mode
+        self._staging = planning.HostStaging()
+
+    # ------------------------------------------------------------------------------------------ plan
+
+    def plan(self, table: PageTable | BlockTable, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
+             q_dtype: torch.dtype = torch.bfloat16, kv_dtype: torch.dtype | None = None,
+             sm_scale: float | None = None, logits_soft_cap: float | None = None, window_left: int = -1,
+             kv_lens_host: torch.Tensor | None = None, indptr_host: torch.Tensor | None = None) -> None:
+        """Host side of one decode step. For a page table on the GPU, pass `kv_lens_host` (and, for CSR,
+        `indptr_host`) to avoid a device->host copy; without them plan reads them back (one sync)."""
+        kv_dtype = q_dtype if kv_dtype is None else kv_dtype
+        check_head_dim("head_dim", head_dim)
+        group = check_group(num_qo_heads, num_kv_heads)
+        if q_dtype not in HALF_DTYPES:
+            fail("q_dtype", "torch.float16 or torch.bfloat16", q_dtype)
+        if kv_dtype != q_dtype:
+            fail("kv_dtype", f"the query dtype {q_dtype}", kv_dtype)
+        scale = check_sm_scale(sm_scale, head_dim)
+        cap = check_soft_cap(logits_soft_cap)
+        window = check_window(window_left)
+        if not isinstance(table, (PageTable, BlockTable)):
+            fail("table", "a PageTable or BlockTable (pagedinfer.csr_page_table / block_page_table)",
+                 type(table).__name__)
+        batch = table.batch_size
+        if self.use_cuda_graph and batch > self.max_batch_size:
+            fail("table", f"at most max_batch_size={self.max_batch_size} requests", batch)
+
+        lens, row_starts = self._host_lengths(table, kv_lens_host, indptr_host)
+        if lens.min() < 1:
+            fail("kv lengths", "every request holding at least one token in decode", int(lens.min()))
+        begins = np.maximum(0, lens - 1 - window) if window >= 0 else np.zeros_like(lens)
+        target = _CTAS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
+        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_tile(head_dim),
+                                 target_ctas=target)
+
+        page_ids_dev, host_ids = self._page_ids_source(table)
+        if self.use_cuda_graph:
+            capacity = planning.max_items(self.max_batch_size, num_kv_heads, target)
+            need = dict(items=capacity, slots=capacity, counters=self.max_batch_size * num_kv_heads,
+                        ids=self.max_pages)
+        else:
+            capacity = work.num_items
+            need = dict(items=capacity, slots=max(work.num_slots, 1), counters=batch * num_kv_heads,
+                        ids=0 if host_ids is None else host_ids.numel())
+        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim))
+        page_ids = self._upload(work, host_ids, page_ids_dev)
+
+        tag = _DTYPE_TAGS[q_dtype]
+        soft = "true" if cap > 0 else "false"
+        from .kernels import get_kernel
+        kernel = get_kernel("decode.cu", f"decode<{tag}, {head_dim}, {group}, {table.page_size}, {soft}>",
+                            device_index=self.device.index)
+        q_scale = scale / cap if cap > 0 else scale * LOG2E
+        self._plan = dict(kernel=kernel, batch=batch, q_heads=num_qo_heads, kv_heads=num_kv_heads,
+                          head_dim=head_dim, dtype=q_dtype, page_size=table.page_size, page_ids=page_ids,
+                          grid=(capacity, num_kv_heads), q_scale=np.float32(q_scale),
+                          cap_log2=np.float32(cap * LOG2E))
+
+    @staticmethod
+    def _host_lengths(table, kv_lens_host, indptr_host) -> tuple[np.ndarray, np.ndarray]:
+        """kv lengths and page-id row starts on the host: the caller's host copies, else read back (a sync
+        when the table is on the GPU)."""
+        for name, t, n in (("kv_lens_host", kv_lens_host, table.batch_size),
+                           ("indptr_host", indptr_host, table.batch_size + 1)):
+            if t is not None:
+                check_tensor(name, t, ndim=1, device="cpu")
+                check_shape(name, t, (n,))
+        lens = (kv_lens_host if kv_lens_host is not None else table.kv_lens().cpu()).numpy().astype(np.int64)
+        if isinstance(table, BlockTable):
+            starts = np.arange(table.batch_size, dtype=np.int64) * table.block_table.stride(0)
+        else:
+            starts = (indptr_host if indptr_host is not None else table.indptr.cpu())[:-1].numpy().astype(np.int64)
+        return lens, starts
+
+    def _page_ids_source(self, table):
+        """(device page ids to read in place, or None) and (host page ids to upload, or None)."""
+        ids = table.block_table.reshape(-1) if isinstance(table, BlockTable) else table.indices
+        if ids.device.type == "cpu":
+            return None, ids.to(torch.int32)
+        if ids.device != self.device:
+            fail("table", f"page ids on {self.device} or the CPU", ids.device)
+        return ids, None
+
+    def _ensure_buffers(self, need: dict, shape: tuple) -> None:
+        """Device buffers with room for `need`; grown in eager mode, fixed after the first plan with graphs."""
+        b = self._buffers
+        if b is not None:
+            if b["shape"] == shape and all(b["need"][k] >= v for k, v in need.items()):
+                return
+            if self.use_cuda_graph:
+                fail("plan", "the head counts and head dim of the first plan (CUDA-graph buffers are fixed)",
+                     shape)
+            if b["shape"] == shape:  # grow, never shrink
+                need = {k: max(v, b["need"][k]) for k, v in need.items()}
+        q_heads, _, head_dim = shape
+        dev = self.device
+        self._buffers = dict(
+            need=need, shape=shape,
+            work=torch.empty(planning.ITEM_INTS * (1 + need["items"]) + need["ids"], dtype=torch.int32,
+                             device=dev),
+            partial_o=torch.empty(need["slots"] * q_heads * head_dim, dtype=torch.float32, device=dev),
+            partial_lse=torch.empty(need["slots"] * q_heads, dtype=torch.float32, device=dev),
+            counters=torch.zeros(need["counters"], dtype=torch.int32, device=dev))
+
+    def _upload(self, work: planning.WorkList, host_ids, page_ids_dev):
+        """One copy: [item count | items | host page ids] -> the device work buffer. Returns the page ids
+        the kernel reads."""
+        b = self._buffers
+        ids_at = planning.ITEM_INTS * (1 + b["need"]["items"])
+        for ids in (host_ids, page_ids_dev):
+            if ids is not None and self.use_cuda_graph and ids.numel() > self.max_pages:
+                fail("table", f"at most max_pages={self.max_pages} page ids", ids.numel())
+        n = planning.ITEM_INTS * (1 + work.num_items)
+        end = ids_at + host_ids.numel() if host_ids is not None else n
+        host = self._staging.take(end)
+        host[0] = work.num_items
+        host[planning.ITEM_INTS:n] = torch.from_numpy(work.items.reshape(-1))
+        if host_ids is not None:
+            host[ids_at:end] = host_ids
+        b["work"][:end].copy_(host, non_blocking=True)
+        self._staging.sent()
+        if page_ids_dev is None:
+            return b["work"][ids_at:]
+        if self.use_cuda_graph:  # the graph holds the buffer's address, not the caller's table
+            b["work"][ids_at:ids_at + page_ids_dev.numel()].copy_(page_ids_dev)
+            return b["work"][ids_at:]
+        return page_ids_dev
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def run(self, q: torch.Tensor, kv_cache, out: torch.Tensor | None = None, return_lse: bool = False):
+        """q [batch, num_qo_heads, head_dim] -> out (same shape), and the LSE [batch, num_qo_heads]
+        (natural log) when return_lse."""
+        p = self._plan
+        if p is None:
+            fail("run", "a plan() first", "no plan")
+        check_tensor("q", q, ndim=3, dtypes=(p["dtype"],), device=self.device)
+        check_shape("q", q, (p["batch"], p["q_heads"], p["head_dim"]))
+        _check_vector_aligned("q", q)
+        cache = as_paged_kv_cache(kv_cache, self.kv_layout)
+        if cache.device != self.device or cache.dtype != p["dtype"]:
+            fail("kv_cache", f"{p['dtype']} on {self.device}", f"{cache.dtype} on {cache.device}")
+        if (cache.kv_heads, cache.head_dim, cache.page_size) != (p["kv_heads"], p["head_dim"], p["page_size"]):
+            fail("kv_cache", f"kv_heads={p['kv_heads']}, head_dim={p['head_dim']}, page_size={p['page_size']}"
+                 " as planned", f"{cache.kv_heads}, {cache.head_dim}, {cache.page_size}")
+        _check_vector_aligned("kv_cache", cache.k)
+        _check_vector_aligned("kv_cache", cache.v)
+        if out is None:
+            out = torch.empty_like(q)
+        else:
+            check_tensor("out", out, ndim=3, dtypes=(p["dtype"],), device=self.device)
+            check_shape("out", out, tuple(q.shape))
+            _check_vector_aligned("out", out)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=self.device) if return_lse else None
+        b = self._buffers
+        header = planning.ITEM_INTS
+        items = b["work"][header:]
+        page_stride, token_stride, head_stride = cache.strides()
+        p["kernel"].launch(p["grid"], (_THREADS,), (
+            q, np.int64(q.stride(0)), np.int64(q.stride(1)), cache.k, cache.v,
+            np.int64(page_stride), np.int64(token_stride), np.int64(head_stride),
+            p["page_ids"], items, b["work"], out, np.int64(out.stride(0)), np.int64(out.stride(1)),
+            lse if lse is not None else np.uint64(0), b["partial_o"], b["partial_lse"], b["counters"],
+            p["q_scale"], p["cap_log2"]), shared_mem=_smem_bytes(p["head_dim"]))
+        return (out, lse) if return_lse else out
+
+
+def _check_vector_aligned(name: str, t: torch.Tensor) -> None:
+    """The kernel reads 16-byte vectors: the base and every stride but the last must allow it."""
+    if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]) or t.stride(-1) != 1:
+        fail(name, "16-byte aligned rows (base address and strides in multiples of 8 elements, head_dim "
+             "contiguous)", f"strides {t.stride()}, address % 16 = {t.data_ptr() % 16}")
+
+
+def decode(q, kv_cache, table, *, kv_layout: str = "NHD", sm_scale=None, logits_soft_cap=None,
+           window_left: int = -1, return_lse: bool = False):
+    """One-shot decode (plan + run). CPU tensors go through the PyTorch reference."""
+    if q.device.type == "cpu":
+        from . import reference
+        out, lse = reference.decode(q, kv_cache, table, kv_layout=kv_layout, sm_scale=sm_scale,
+                                    logits_soft_cap=logits_soft_cap or 0.0, window_left=window_left)
+        return (out, lse) if return_lse else out
+    cache = as_paged_kv_cache(kv_cache, kv_layout)
+    wrapper = DecodeWrapper(q.device, kv_layout=kv_layout)
+    wrapper.plan(table, q.shape[1], cache.kv_heads, q.shape[2], q_dtype=q.dtype, kv_dtype=cache.dtype,
+                 sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, window_left=window_left)
+    return wrapper.run(q, cache, return_lse=return_lse)
+

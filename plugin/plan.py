@@ -1,0 +1,95 @@
+"""Host-side scheduling shared by the attention ops: split-KV work lists.
+
+A work item (8 int32, the layout of `Item` in kernels/decode.cu) is one token range of one request:
+  request, row_start (offset of its page ids), begin, end, slot, first_slot, chunks, 0
+`slot` is where a chunk of a split request leaves its partial (output, LSE); -1 when the item is the whole
+request and writes the output itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ITEM_INTS = 8
+
+
+@dataclass(frozen=True)
+class WorkList:
+    items: np.ndarray   # [n, ITEM_INTS] int32
+    num_slots: int      # partial results the split requests need
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[0]
+
+
+def max_items(batch: int, kv_heads: int, target_ctas: int) -> int:
+    """Upper bound of `split_kv` items for any lengths: the fixed grid of CUDA-graph mode."""
+    return max(batch, target_ctas // kv_heads)
+
+
+def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv_heads: int, tile: int,
+             target_ctas: int) -> WorkList:
+    """Cuts requests into tile-aligned chunks when the batch alone cannot fill the GPU.
+
+    With batch * kv_heads >= target_ctas every request is one item. Otherwise the chunk is the shortest
+    whole number of tiles for which all items (times kv_heads CTAs each) still fit in one wave of
+    `target_ctas`: a second, partial wave would double the time. Each request's chunks are then made
+    equal (rounded up to whole tiles), so no CTA waits on a longer sibling.
+    """
+    lens = (ends - begins).astype(np.int64)
+    batch = lens.shape[0]
+    budget = target_ctas // kv_heads
+    if batch >= budget:
+        chunks = np.ones(batch, dtype=np.int64)
+    else:
+        lo, hi = 1, max(1, -(-int(lens.max()) // tile))  # chunk length in tiles
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int((-(-lens // (mid * tile))).sum()) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        chunks = np.maximum(1, -(-lens // (lo * tile)))
+    size = -(-(-(-lens // chunks)) // tile) * tile          # per request, whole tiles
+    chunks = np.maximum(1, -(-lens // size))                 # rounding up may need fewer chunks
+    n = int(chunks.sum())
+    req = np.repeat(np.arange(batch), chunks)
+    index = np.arange(n) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    split = chunks > 1
+    first_slot = np.where(split, np.cumsum(np.where(split, chunks, 0)) - chunks, -1)
+    items = np.zeros((n, ITEM_INTS), dtype=np.int32)
+    items[:, 0] = req
+    items[:, 1] = row_starts[req]
+    items[:, 2] = begins[req] + index * size[req]
+    items[:, 3] = np.minimum(items[:, 2] + size[req], ends[req])
+    items[:, 4] = np.where(split[req], first_slot[req] + index, -1)
+    items[:, 5] = first_slot[req]
+    items[:, 6] = chunks[req]
+    return WorkList(items, int(chunks[split].sum()))
+
+
+class HostStaging:
+    """Pinned host buffers for plan()'s host->device copy, used in turn. A buffer is written again only
+    after the copy that read it has run, so back-to-back plans never block on the GPU nor race it."""
+
+    def __init__(self, count: int = 4):
+        self._buffers: list = [None] * count
+        self._events: list = [None] * count
+        self._next = 0
+
+    def take(self, numel: int) -> torch.Tensor:
+        i = self._next
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        if self._buffers[i] is None or self._buffers[i].numel() < numel:
+            self._buffers[i] = torch.empty(max(numel, 1024), dtype=torch.int32, pin_memory=True)
+        return self._buffers[i][:numel]
+
+    def sent(self) -> None:
+        """Marks the buffer from the last take() as handed to a copy on the current stream."""
+        event = self._events[self._next] = torch.cuda.Event()
+        event.record()
+        self._next = (self._next + 1) % len(self._buffers)

@@ -1,0 +1,249 @@
+"""Paged decode against the PyTorch reference: validation on the CPU; on the GPU a fuzz over the whole
+coverage (dtypes, head dims, GQA groups 1-16, page sizes, layouts, page-table forms, lengths, soft cap,
+sliding window), CUDA-graph replay after a new plan, and a small sweep for compute-sanitizer."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pagedinfer import kernels, reference
+from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode
+from pagedinfer.paged import as_paged_kv_cache, block_page_table, csr_page_table
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+HEAD_DIMS = [64, 80, 96, 128, 256]
+PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
+
+
+# ------------------------------------------------------------------------------ building cases
+
+def spec_pool(size=96, seed=1234):
+    """Kernel specialisations the fuzz draws from: every group, head dim, page size, dtype and soft-cap
+    flag appears, while the number of distinct compilations stays bounded."""
+    rng = np.random.default_rng(seed)
+    pool = []
+    for i in range(size):
+        pool.append(("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7],
+                     bool(rng.random() < 0.3)))
+    return pool
+
+
+def expression(dtype, head_dim, group, page_size, soft_cap):
+    return f"decode<{dtype}, {head_dim}, {group}, {page_size}, {'true' if soft_cap else 'false'}>"
+
+
+def random_lengths(rng, batch, page_size):
+    choices = []
+    for _ in range(batch):
+        kind = rng.integers(6)
+        if kind == 0:
+            choices.append(1)
+        elif kind == 1:
+            choices.append(page_size * int(rng.integers(1, 40)))           # exactly on a page boundary
+        elif kind == 2:
+            choices.append(max(1, page_size * int(rng.integers(1, 40)) + int(rng.choice([-1, 1]))))
+        elif kind == 3:
+            choices.append(int(rng.integers(2000, 9000)))
+        else:
+            choices.append(int(rng.integers(1, 700)))
+    return choices
+
+
+def make_case(rng, spec, device="cuda", lens=None, kv_heads=None, batch=None):
+    dtype_name, head_dim, group, page_size, soft_cap = spec
+    dtype = DTYPES[dtype_name]
+    kv_heads = kv_heads or int(rng.choice([1, 2, 3, 4]))
+    batch = batch or int(rng.choice([1, 2, 3, 5, 8, 17, 33]))
+    lens = lens or random_lengths(rng, batch, page_size)
+    pages = [math.ceil(n / page_size) for n in lens]
+    num_pages = sum(pages) + int(rng.integers(0, 5))
+    layout = str(rng.choice(["NHD", "HND"]))
+    shape = (num_pages, 2, page_size, kv_heads, head_dim) if layout == "NHD" else \
+        (num_pages, 2, kv_heads, page_size, head_dim)
+    cache = torch.randn(shape, dtype=dtype, device=device)
+    if rng.random() < 0.3:
+        cache = (cache[:, 0], cache[:, 1])  # a (k, v) pair of strided views
+    perm = torch.randperm(num_pages, device=device).to(torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    if rng.random() < 0.5:
+        indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32, device=device)
+        last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32,
+                            device=device)
+        table = csr_page_table(indptr, perm[: sum(pages)], last, page_size)
+    else:
+        width = max(pages) + int(rng.integers(0, 3))
+        bt = torch.zeros(batch, width, dtype=torch.int32, device=device)
+        at = 0
+        for b, p in enumerate(pages):
+            bt[b, :p] = perm[at:at + p]
+            at += p
+        table = block_page_table(bt, lens_t, page_size)
+    q_heads = kv_heads * group
+    if rng.random() < 0.3:  # q as a view into a fused qkv projection
+        q = torch.randn(batch, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)[:, :q_heads]
+    else:
+        q = torch.randn(batch, q_heads, head_dim, dtype=dtype, device=device)
+    options = dict(sm_scale=float(rng.uniform(0.5, 1.5)) / math.sqrt(head_dim) if rng.random() < 0.5 else None,
+                   logits_soft_cap=float(rng.uniform(5, 50)) if soft_cap else None,
+                   window_left=int(rng.integers(0, 3000)) if rng.random() < 0.25 else -1)
+    return dict(q=q, cache=cache, table=table, layout=layout, options=options, dtype=dtype)
+
+
+def check_against_reference(case, out, lse):
+    ref_out, ref_lse = reference.decode(case["q"], case["cache"], case["table"], kv_layout=case["layout"],
+                                        sm_scale=case["options"]["sm_scale"],
+                                        logits_soft_cap=case["options"]["logits_soft_cap"] or 0.0,
+                                        window_left=case["options"]["window_left"])
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output"
+    err = (out.float() - ref_out.float()).norm() / ref_out.float().norm()
+    assert err < TOLERANCE[case["dtype"]], f"relative error {err:.2e}"
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+def run_case(case, wrapper=None):
+    wrapper = wrapper or DecodeWrapper(case["q"].device, kv_layout=case["layout"])
+    cache = as_paged_kv_cache(case["cache"], case["layout"])
+    wrapper.plan(case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim, q_dtype=case["dtype"],
+                 **case["options"])
+    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
+    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------ CPU: validation
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(head_dim=72), "head_dim: expected one of 64, 80, 96, 128, 256, got 72"),
+    (dict(num_qo_heads=34), "num_qo_heads: expected a multiple of num_kv_heads=8, got 34"),
+    (dict(num_qo_heads=136), "GQA group size from 1 to 16, got 17"),
+    (dict(q_dtype=torch.float32), "q_dtype: expected torch.float16 or torch.bfloat16"),
+    (dict(kv_dtype=torch.float16), "kv_dtype: expected the query dtype torch.bfloat16"),
+    (dict(window_left=-2), "window_left: expected -1 \\(off\\) or a number of keys >= 0, got -2"),
+    (dict(logits_soft_cap=-1.0), "logits_soft_cap: expected 0 \\(off\\) or a positive number"),
+    (dict(sm_scale=0.0), "sm_scale: expected a positive number"),
+])
+def test_plan_rejects(kwargs, message):
+    table = block_page_table(torch.zeros(2, 4, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32), 16)
+    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        DecodeWrapper("cpu").plan(table, args.pop("num_qo_heads"), args.pop("num_kv_heads"),
+                                  args.pop("head_dim"), **args)
+
+
+def test_plan_rejects_empty_request():
+    table = block_page_table(torch.zeros(2, 4, dtype=torch.int32), torch.tensor([5, 0], dtype=torch.int32), 16)
+    with pytest.raises(ValueError, match="kv lengths: expected every request holding at least one token"):
+        DecodeWrapper("cpu").plan(table, 8, 8, 64)
+
+
+def test_table_rejects_unsupported_page_size_and_bad_ids():
+    with pytest.raises(ValueError, match="page_size: expected one of 1, 2, 4, 8, 16, 32, 64, 128, 256, got 12"):
+        block_page_table(torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 12)
+    with pytest.raises(ValueError, match=r"block_table: expected page ids in \[0, 9\], got ids from 0 to 10"):
+        block_page_table(torch.tensor([[0, 10]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32), 16,
+                         num_pages=10)
+
+
+def test_graph_mode_needs_capacities():
+    with pytest.raises(ValueError, match="max_batch_size, max_pages: expected positive capacities"):
+        DecodeWrapper("cpu", use_cuda_graph=True)
+
+
+def test_run_before_plan():
+    with pytest.raises(ValueError, match="run: expected a plan\\(\\) first"):
+        DecodeWrapper("cpu").run(torch.zeros(1, 8, 64), torch.zeros(1, 2, 16, 8, 64))
+
+
+def test_one_shot_decode_on_cpu_is_the_reference():
+    rng = np.random.default_rng(0)
+    case = make_case(rng, ("bf16", 64, 4, 16, False), device="cpu")
+    out, lse = decode(case["q"], case["cache"], case["table"], kv_layout=case["layout"], return_lse=True,
+                      **case["options"])
+    check_against_reference(case, out, lse)
+
+
+# ------------------------------------------------------------------------------ GPU
+
+@pytest.fixture(scope="module")
+def warm_kernels():
+    """Compiles the fuzz's specialisations on every core before the sweep."""
+    specs = [("decode.cu", expression(*s)) for s in spec_pool()] + SPECIALIZATIONS
+    kernels.precompile(specs, kernels.device_arch())
+
+
+@pytest.mark.gpu
+def test_fuzz_500_cases_match_reference(warm_kernels):
+    rng = np.random.default_rng(2026)
+    pool = spec_pool()
+    failures = []
+    for i in range(500):
+        spec = pool[int(rng.integers(len(pool)))]
+        case = make_case(rng, spec)
+        try:
+            check_against_reference(case, *run_case(case))
+        except AssertionError as e:
+            failures.append(f"case {i} {spec} lens={case['table'].kv_lens().tolist()[:6]} "
+                            f"layout={case['layout']} {case['options']}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of 500 cases failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens", [[131072], [1, 131072, 7], [16] * 300])
+def test_extreme_lengths(lens):
+    rng = np.random.default_rng(len(lens))
+    case = make_case(rng, ("bf16", 128, 4, 16, False), lens=lens, kv_heads=2, batch=len(lens))
+    case["options"]["window_left"] = -1
+    check_against_reference(case, *run_case(case))
+
+
+def random_block_table(lens, page_size, num_pages, width):
+    ids = torch.randperm(num_pages)[: len(lens) * width].view(len(lens), width).to(torch.int32)
+    return block_page_table(ids.cuda(), torch.tensor(lens, dtype=torch.int32).cuda(), page_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_cuda_graph_replay_after_a_new_plan(layout):
+    torch.manual_seed(7)
+    shape = (2000, 2, 16, 2, 128) if layout == "NHD" else (2000, 2, 2, 16, 128)
+    cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(3, 8, 128, dtype=torch.bfloat16, device="cuda")
+    wrapper = DecodeWrapper("cuda", kv_layout=layout, use_cuda_graph=True, max_batch_size=4, max_pages=2000)
+    out = torch.empty_like(q)
+
+    first = random_block_table([3000, 17, 160], 16, 2000, 200)
+    wrapper.plan(first, 8, 2, 128)
+    eager, eager_lse = wrapper.run(q, cache, return_lse=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, graph_lse = wrapper.run(q, cache, out=out, return_lse=True)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(graph_lse, eager_lse)
+
+    # New lengths (a long request now splits differently), new page ids, new queries: replay follows.
+    second = random_block_table([5, 9000, 33], 16, 2000, 600)
+    q.copy_(torch.randn_like(q))
+    wrapper.plan(second, 8, 2, 128)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    case = dict(q=q, cache=cache, table=second, layout=layout, dtype=torch.bfloat16,
+                options=dict(sm_scale=None, logits_soft_cap=None, window_left=-1))
+    check_against_reference(case, out, graph_lse)
+
+
+@pytest.mark.gpu
+def test_sanitizer_sweep():
+    """A representative sweep, small enough to run under compute-sanitizer (memcheck and racecheck)."""
+    rng = np.random.default_rng(99)
+    for spec in [("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 7, 256, False),
+                 ("bf16", 256, 16, 8, False), ("fp16", 96, 1, 32, True)]:
+        case = make_case(rng, spec, lens=[1, 700, 33, 4100], batch=4)
+        check_against_reference(case, *run_case(case))

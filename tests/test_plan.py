@@ -1,0 +1,55 @@
+"""Split-KV work lists: every token covered exactly once, tile-aligned, balanced, within the graph bound."""
+import numpy as np
+import pytest
+
+from pagedinfer import plan
+
+
+def covered(work, batch):
+    ranges = {b: [] for b in range(batch)}
+    for req, _, begin, end, *_ in work.items:
+        ranges[req].append((begin, end))
+    return {b: sorted(r) for b, r in ranges.items()}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_items_tile_each_request_exactly(seed):
+    rng = np.random.default_rng(seed)
+    batch = int(rng.integers(1, 40))
+    kv_heads = int(rng.choice([1, 3, 8]))
+    ends = rng.integers(1, 20000, batch)
+    begins = np.where(rng.random(batch) < 0.3, np.maximum(0, ends - rng.integers(1, 3000, batch)), 0)
+    starts = rng.integers(0, 1000, batch)
+    tile = int(rng.choice([16, 32, 64]))
+    work = plan.split_kv(starts, begins, ends, kv_heads=kv_heads, tile=tile, target_ctas=264)
+    assert work.num_items <= plan.max_items(batch, kv_heads, 264)
+    for b, ranges in covered(work, batch).items():
+        assert ranges[0][0] == begins[b] and ranges[-1][1] == ends[b]
+        assert all(e1 == b2 for (_, e1), (b2, _) in zip(ranges, ranges[1:]))
+        assert all((e - s) % tile == 0 for s, e in ranges[:-1])
+    for req, row_start, _, _, slot, first, chunks, _ in work.items:
+        assert row_start == starts[req]
+        assert (slot == -1) == (chunks == 1)
+    slots = sorted(work.items[work.items[:, 4] >= 0, 4])
+    assert slots == list(range(work.num_slots))
+
+
+def test_large_batch_is_not_split():
+    ends = np.full(64, 8192)
+    work = plan.split_kv(np.zeros(64, int), np.zeros(64, int), ends, kv_heads=8, tile=32, target_ctas=264)
+    assert work.num_items == 64 and work.num_slots == 0
+
+
+def test_single_request_fills_the_gpu_with_equal_chunks():
+    work = plan.split_kv(np.zeros(1, int), np.zeros(1, int), np.array([32768]), kv_heads=8, tile=32,
+                         target_ctas=264)
+    sizes = work.items[:, 3] - work.items[:, 2]
+    assert work.num_items * 8 == 256 and len(set(sizes)) == 1
+
+
+@pytest.mark.parametrize("batch,kv_len", [(4, 8192), (16, 4096), (3, 1000), (7, 12345)])
+def test_split_fits_one_wave(batch, kv_len):
+    ends = np.full(batch, kv_len)
+    work = plan.split_kv(np.zeros(batch, int), np.zeros(batch, int), ends, kv_heads=8, tile=32, target_ctas=264)
+    assert work.num_items * 8 <= 264
+    assert work.num_items * 8 > 264 // 2 or kv_len <= 32 * 264 // 8 // batch

@@ -1,0 +1,17 @@
+"""The engine entry points are declared, resolve to our functions, and are safe to call repeatedly."""
+import importlib.metadata
+
+import pytest
+
+from pagedinfer import registration
+
+
+@pytest.mark.parametrize("group,func", [("vllm.general_plugins", "register_vllm"),
+                                        ("sglang.srt.plugins", "register_sglang")])
+def test_entry_point_is_declared_and_idempotent(group, func):
+    (ep,) = [e for e in importlib.metadata.entry_points(group=group) if e.name == "pagedinfer"]
+    assert ep.value == f"pagedinfer.registration:{func}"
+    loaded = ep.load()
+    assert loaded is getattr(registration, func)
+    loaded()
+    loaded()
