@@ -67,13 +67,28 @@ def time_flashinfer(hq, hk, d, batch, kv_len, kv, ids, indptr, last, q, workspac
     return best
 
 
+def compile_times(name: str) -> tuple[float, float]:
+    """Seconds for the first NVRTC compile + load of one decode kernel, then its load from the disk cache by
+    a second process; both timed after imports and CUDA start-up, in a fresh cache directory."""
+    import subprocess
+    import tempfile
+    code = ("import time, torch, cupy; torch.zeros(1, device='cuda'); from pagedinfer import kernels;"
+            f"t = time.perf_counter(); kernels.get_kernel('decode.cu', {name!r}); print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, PAGEDINFER_CACHE_DIR=cache, PAGEDINFER_LOG_LEVEL="WARNING")
+        return tuple(float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                          check=True).stdout) for _ in range(2))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="first two cases of each shape only")
+    parser.add_argument("--skip-anchor", action="store_true", help="time pagedinfer alone")
+    parser.add_argument("--shapes", default="", help="comma-separated BxL filter, e.g. 64x8192,1x2048")
     args = parser.parse_args()
     try:
         import flashinfer  # noqa: F401
-        have_fi = True
+        have_fi = not args.skip_anchor
     except ImportError:
         have_fi = False
     ceiling = read_ceiling_gbps()
@@ -81,6 +96,8 @@ def main():
     records, rows = [], []
     for (hq, hk, d), sizes in CASES:
         for batch, kv_len in (sizes[:2] if args.quick else sizes):
+            if args.shapes and f"{batch}x{kv_len}" not in args.shapes.split(","):
+                continue
             inputs = make_inputs(hq, hk, d, batch, kv_len)
             kv_bytes = batch * kv_len * hk * d * 2 * 2
             floor_us = kv_bytes / (ceiling * 1e9) * 1e6
@@ -102,10 +119,14 @@ def main():
                          g.get("anchor_us"), ours_graph, g.get("speedup"), e["gbps"], floor_us, diff))
             del inputs
             torch.cuda.empty_cache()
-    path = write_results("decode", records)
-    plot_speedups("decode", [r for r in records if r.get("speedup") and (r["graph"] == (r["batch"] <= 4))],
+    from pagedinfer.decode import kernel_name
+    first, cached = compile_times(kernel_name("bf16", 128, 4, 16, False))
+    records.append(dict(op="compile", kernel=kernel_name("bf16", 128, 4, 16, False), first_compile_s=first,
+                        cached_load_s=cached))
+    path = write_results("decode" if have_fi else "decode-pagedinfer-only", records)
+    plot_speedups("decode", [r for r in records if r.get("speedup") and r["graph"] == (r["batch"] <= 4)],
                   f"decode vs FlashInfer best, {torch.cuda.get_device_name()} (graph for batch<=4, else eager)")
-    print(f"\nread ceiling {ceiling:.0f} GB/s; results {path}")
+    print(f"\nread ceiling {ceiling:.0f} GB/s; first compile {first:.2f} s, cached load {cached:.3f} s; results {path}")
     print(f"{'shape':<10}{'BxL':>10}{'FI us':>9}{'ours us':>9}{'x':>6}{'FI g':>8}{'ours g':>8}{'x':>6}"
           f"{'GB/s':>7}{'floor':>7}{'diff':>8}")
     for r in rows:

@@ -250,20 +250,36 @@ class Kernel:
             self._streams[ptr] = s
         return s
 
-    def launch(self, grid, block, args, shared_mem: int = 0) -> None:
-        """args: tensors (passed as pointers) and numpy scalars (passed by value, their own C type)."""
-        import torch
-        if shared_mem > self._smem_limit:
+    def _allow_shared_memory(self, shared_mem: int) -> None:
+        if shared_mem > self._smem_limit:  # static + dynamic above 48 KB needs the opt-in
             from cupy_backends.cuda.api import driver
             driver.funcSetAttribute(self._function.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                     shared_mem)
             self._smem_limit = shared_mem
+
+    def max_active_blocks(self, threads: int, shared_mem: int) -> int:
+        """CTAs of this kernel that fit on one multiprocessor at once (registers and shared memory)."""
+        import cupy
+        from cupy_backends.cuda.api import driver
+        with cupy.cuda.Device(self.device_index):
+            self._allow_shared_memory(shared_mem)
+            return driver.occupancyMaxActiveBlocksPerMultiprocessor(self._function.ptr, threads, shared_mem)
+
+    def launch(self, grid, block, args, shared_mem: int = 0) -> None:
+        """args: tensors (passed as pointers) and numpy scalars (passed by value, their own C type)."""
+        self.launch_prepared(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args), shared_mem)
+
+    def launch_prepared(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        """`launch` for arguments that are numpy scalars already (pointers as numpy.uint64): the per-layer
+        path, where every microsecond of Python is paid once per layer and step."""
+        import torch
+        if shared_mem > self._smem_limit:
+            self._allow_shared_memory(shared_mem)
         stream = self._stream(torch.cuda.current_stream(self.device_index))
         try:
-            self._function(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args),
-                           shared_mem=shared_mem, stream=stream)
+            self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
         except Exception as e:
-            raise RuntimeError(f"launch of {self.name} failed: grid {tuple(grid)}, block {tuple(block)}, "
+            raise RuntimeError(f"launch of {self.name} failed: grid {grid}, block {block}, "
                                f"{shared_mem} bytes of shared memory: {e}") from e
 
 

@@ -16,40 +16,48 @@ import numpy as np
 import torch
 
 from . import plan as planning
+from .launch_args import CacheArgs, check_rows
 from .paged import BlockTable, PageTable, as_paged_kv_cache
 from .validate import (HALF_DTYPES, check_group, check_head_dim, check_shape, check_sm_scale, check_soft_cap,
                        check_tensor, check_window, fail)
 
 LOG2E = 1.4426950408889634
-_THREADS = 256
-_CTAS_PER_SM = 2
-_STAGES = 4
 _DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Mirrors kernels/decode.cu: 4 warps, 64-token tiles, rows padded by 8 elements.
+_THREADS = 128
+_TILE = 64
+_SMEM_PER_CTA = 110 * 1024  # two CTAs per multiprocessor where the head dim allows
+_MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fixed costs stay a small share
+
+
+def _stages(head_dim: int) -> tuple[int, int]:
+    """Pipeline depth and dynamic shared memory: as many 64-token K+V stages (2-4) as fit the budget."""
+    stage_bytes = 2 * _TILE * (head_dim + 8) * 2
+    stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
+    return stages, stages * stage_bytes
+
+
+def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool) -> str:
+    soft = "true" if soft_cap else "false"
+    return f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}>"
+
 
 # A representative set for the CI compile check: every dtype, head dim, soft-cap flag, and groups and page
 # sizes at both ends and in between. Other combinations compile on first use.
-SPECIALIZATIONS = [("decode.cu", f"decode<{t}, {d}, {g}, {p}, {c}>") for t, d, g, p, c in [
-    ("bf16", 128, 4, 16, "false"), ("fp16", 64, 3, 1, "true"), ("bf16", 80, 5, 256, "false"),
-    ("fp16", 96, 8, 32, "true"), ("bf16", 256, 16, 8, "false"), ("bf16", 64, 1, 64, "false"),
-    ("fp16", 128, 7, 128, "false")]]
-
-
-def _tile(head_dim: int) -> int:
-    """Tokens per pipeline stage; mirrors Shape::TILE in decode.cu."""
-    vectors = head_dim // 8
-    threads_per_row = 8 if vectors <= 8 else 16 if vectors <= 16 else 32
-    return 512 // threads_per_row
-
-
-def _smem_bytes(head_dim: int) -> int:
-    return _STAGES * 2 * _tile(head_dim) * head_dim * 2
+SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
+    ("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 5, 256, False),
+    ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
+    ("fp16", 128, 7, 128, False)]]
 
 
 class DecodeWrapper:
     def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 max_batch_size: int | None = None, max_pages: int | None = None):
+                 max_batch_size: int | None = None, max_pages: int | None = None,
+                 workspace: torch.Tensor | None = None):
         """`use_cuda_graph=True` fixes every buffer at the first plan: give the largest batch
-        (`max_batch_size`) and the most page ids (`max_pages`, the summed page count of a batch) it will see."""
+        (`max_batch_size`) and the most page ids (`max_pages`, the summed page count of a batch) it will see.
+        `workspace` (uint8, owned by the caller) holds those buffers instead of allocations of the wrapper's
+        own; plan() says how many bytes it needs if it is too small."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -59,9 +67,11 @@ class DecodeWrapper:
             fail("max_batch_size, max_pages", "positive capacities when use_cuda_graph=True",
                  (max_batch_size, max_pages))
         self.max_batch_size, self.max_pages = max_batch_size, max_pages
+        self.workspace = workspace
         self._plan = None
         self._buffers = None  # device buffers, grown in eager mode, fixed in CUDA-graph mode
         self._staging = planning.HostStaging()
+        self._caches = CacheArgs(kv_layout)
 
     # ------------------------------------------------------------------------------------------ plan
 
@@ -92,9 +102,14 @@ class DecodeWrapper:
         if lens.min() < 1:
             fail("kv lengths", "every request holding at least one token in decode", int(lens.min()))
         begins = np.maximum(0, lens - 1 - window) if window >= 0 else np.zeros_like(lens)
-        target = _CTAS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
-        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_tile(head_dim),
-                                 target_ctas=target)
+        from .kernels import get_kernel
+        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0),
+                            device_index=self.device.index)
+        smem = _stages(head_dim)[1]
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms  # one full wave of CTAs
+        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_TILE, target_ctas=target,
+                                 min_chunk=_MIN_CHUNK)
 
         page_ids_dev, host_ids = self._page_ids_source(table)
         if self.use_cuda_graph:
@@ -108,16 +123,16 @@ class DecodeWrapper:
         self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim))
         page_ids = self._upload(work, host_ids, page_ids_dev)
 
-        tag = _DTYPE_TAGS[q_dtype]
-        soft = "true" if cap > 0 else "false"
-        from .kernels import get_kernel
-        kernel = get_kernel("decode.cu", f"decode<{tag}, {head_dim}, {group}, {table.page_size}, {soft}>",
-                            device_index=self.device.index)
-        q_scale = scale / cap if cap > 0 else scale * LOG2E
-        self._plan = dict(kernel=kernel, batch=batch, q_heads=num_qo_heads, kv_heads=num_kv_heads,
-                          head_dim=head_dim, dtype=q_dtype, page_size=table.page_size, page_ids=page_ids,
-                          grid=(capacity, num_kv_heads), q_scale=np.float32(q_scale),
-                          cap_log2=np.float32(cap * LOG2E))
+        qk_scale = scale / cap if cap > 0 else scale * LOG2E
+        b = self._buffers
+        work_ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"])
+        self._plan = dict(
+            kernel=kernel, batch=batch, q_heads=num_qo_heads, kv_heads=num_kv_heads, head_dim=head_dim,
+            dtype=q_dtype, page_size=table.page_size, grid=(num_kv_heads, capacity), smem=smem,
+            work_args=tuple(np.uint64(t.data_ptr()) for t in work_ptrs),
+            tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
+                       np.float32(qk_scale), np.float32(cap * LOG2E)),
+            keep_alive=page_ids)  # the kernel reads these page ids by address
 
     @staticmethod
     def _host_lengths(table, kv_lens_host, indptr_host) -> tuple[np.ndarray, np.ndarray]:
@@ -156,14 +171,13 @@ class DecodeWrapper:
             if b["shape"] == shape:  # grow, never shrink
                 need = {k: max(v, b["need"][k]) for k, v in need.items()}
         q_heads, _, head_dim = shape
-        dev = self.device
-        self._buffers = dict(
-            need=need, shape=shape,
-            work=torch.empty(planning.ITEM_INTS * (1 + need["items"]) + need["ids"], dtype=torch.int32,
-                             device=dev),
-            partial_o=torch.empty(need["slots"] * q_heads * head_dim, dtype=torch.float32, device=dev),
-            partial_lse=torch.empty(need["slots"] * q_heads, dtype=torch.float32, device=dev),
-            counters=torch.zeros(need["counters"], dtype=torch.int32, device=dev))
+        self._buffers = planning.carve_buffers([
+            ("work", planning.ITEM_INTS * (1 + need["items"]) + need["ids"], torch.int32),
+            ("partial_o", need["slots"] * q_heads * head_dim, torch.float32),
+            ("partial_lse", need["slots"] * q_heads, torch.float32),
+            ("counters", need["counters"], torch.int32)], self.device, self.workspace)
+        self._buffers["counters"].zero_()  # the kernel leaves them at zero after every launch
+        self._buffers.update(need=need, shape=shape)
 
     def _upload(self, work: planning.WorkList, host_ids, page_ids_dev):
         """One copy: [item count | items | host page ids] -> the device work buffer. Returns the page ids
@@ -197,42 +211,24 @@ class DecodeWrapper:
         p = self._plan
         if p is None:
             fail("run", "a plan() first", "no plan")
-        check_tensor("q", q, ndim=3, dtypes=(p["dtype"],), device=self.device)
-        check_shape("q", q, (p["batch"], p["q_heads"], p["head_dim"]))
-        _check_vector_aligned("q", q)
-        cache = as_paged_kv_cache(kv_cache, self.kv_layout)
-        if cache.device != self.device or cache.dtype != p["dtype"]:
-            fail("kv_cache", f"{p['dtype']} on {self.device}", f"{cache.dtype} on {cache.device}")
-        if (cache.kv_heads, cache.head_dim, cache.page_size) != (p["kv_heads"], p["head_dim"], p["page_size"]):
-            fail("kv_cache", f"kv_heads={p['kv_heads']}, head_dim={p['head_dim']}, page_size={p['page_size']}"
-                 " as planned", f"{cache.kv_heads}, {cache.head_dim}, {cache.page_size}")
-        _check_vector_aligned("kv_cache", cache.k)
-        _check_vector_aligned("kv_cache", cache.v)
+        shape = (p["batch"], p["q_heads"], p["head_dim"])
+        check_rows("q", q, shape, p["dtype"], self.device)
+        cache, cache_args = self._caches.get(kv_cache)
+        if cache.dtype != p["dtype"] or cache.device != self.device or (
+                cache.kv_heads, cache.head_dim, cache.page_size) != (p["kv_heads"], p["head_dim"], p["page_size"]):
+            fail("kv_cache", f"{p['dtype']} on {self.device} with kv_heads={p['kv_heads']}, head_dim="
+                 f"{p['head_dim']}, page_size={p['page_size']} as planned", f"{cache.dtype} on {cache.device} "
+                 f"with {cache.kv_heads}, {cache.head_dim}, {cache.page_size}")
         if out is None:
             out = torch.empty_like(q)
         else:
-            check_tensor("out", out, ndim=3, dtypes=(p["dtype"],), device=self.device)
-            check_shape("out", out, tuple(q.shape))
-            _check_vector_aligned("out", out)
-        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=self.device) if return_lse else None
-        b = self._buffers
-        header = planning.ITEM_INTS
-        items = b["work"][header:]
-        page_stride, token_stride, head_stride = cache.strides()
-        p["kernel"].launch(p["grid"], (_THREADS,), (
-            q, np.int64(q.stride(0)), np.int64(q.stride(1)), cache.k, cache.v,
-            np.int64(page_stride), np.int64(token_stride), np.int64(head_stride),
-            p["page_ids"], items, b["work"], out, np.int64(out.stride(0)), np.int64(out.stride(1)),
-            lse if lse is not None else np.uint64(0), b["partial_o"], b["partial_lse"], b["counters"],
-            p["q_scale"], p["cap_log2"]), shared_mem=_smem_bytes(p["head_dim"]))
+            check_rows("out", out, shape, p["dtype"], self.device)
+        lse = torch.empty(shape[:2], dtype=torch.float32, device=self.device) if return_lse else None
+        p["kernel"].launch_prepared(p["grid"], (_THREADS,), (
+            np.uint64(q.data_ptr()), np.int64(q.stride(0)), np.int64(q.stride(1)), *cache_args, *p["work_args"],
+            np.uint64(out.data_ptr()), np.int64(out.stride(0)), np.int64(out.stride(1)),
+            np.uint64(lse.data_ptr() if return_lse else 0), *p["tail_args"]), p["smem"])
         return (out, lse) if return_lse else out
-
-
-def _check_vector_aligned(name: str, t: torch.Tensor) -> None:
-    """The kernel reads 16-byte vectors: the base and every stride but the last must allow it."""
-    if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]) or t.stride(-1) != 1:
-        fail(name, "16-byte aligned rows (base address and strides in multiples of 8 elements, head_dim "
-             "contiguous)", f"strides {t.stride()}, address % 16 = {t.data_ptr() % 16}")
 
 
 def decode(q, kv_cache, table, *, kv_layout: str = "NHD", sm_scale=None, logits_soft_cap=None,

@@ -31,13 +31,14 @@ def max_items(batch: int, kv_heads: int, target_ctas: int) -> int:
 
 
 def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv_heads: int, tile: int,
-             target_ctas: int) -> WorkList:
+             target_ctas: int, min_chunk: int | None = None) -> WorkList:
     """Cuts requests into tile-aligned chunks when the batch alone cannot fill the GPU.
 
     With batch * kv_heads >= target_ctas every request is one item. Otherwise the chunk is the shortest
     whole number of tiles for which all items (times kv_heads CTAs each) still fit in one wave of
-    `target_ctas`: a second, partial wave would double the time. Each request's chunks are then made
-    equal (rounded up to whole tiles), so no CTA waits on a longer sibling.
+    `target_ctas`: a second, partial wave would double the time; and no shorter than `min_chunk` tokens.
+    Each request's chunks are then made equal (rounded up to whole tiles), so no CTA waits on a longer
+    sibling.
     """
     lens = (ends - begins).astype(np.int64)
     batch = lens.shape[0]
@@ -45,7 +46,8 @@ def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv
     if batch >= budget:
         chunks = np.ones(batch, dtype=np.int64)
     else:
-        lo, hi = 1, max(1, -(-int(lens.max()) // tile))  # chunk length in tiles
+        lo = max(1, -(-(min_chunk or tile) // tile))       # chunk length in tiles
+        hi = max(lo, -(-int(lens.max()) // tile))
         while lo < hi:
             mid = (lo + hi) // 2
             if int((-(-lens // (mid * tile))).sum()) <= budget:
@@ -93,3 +95,22 @@ class HostStaging:
         event = self._events[self._next] = torch.cuda.Event()
         event.record()
         self._next = (self._next + 1) % len(self._buffers)
+
+
+def carve_buffers(specs: list[tuple[str, int, torch.dtype]], device, workspace: torch.Tensor | None = None) -> dict:
+    """Device buffers by name: views into the caller's `workspace` (a uint8 tensor they own and keep, as
+    CUDA graphs need fixed addresses) when given, else fresh allocations. Each starts 256-byte aligned."""
+    sizes = [(-(-numel * torch.tensor([], dtype=dtype).element_size() // 256)) * 256 for _, numel, dtype in specs]
+    if workspace is None:
+        return {name: torch.empty(numel, dtype=dtype, device=device) for name, numel, dtype in specs}
+    if workspace.dtype != torch.uint8 or workspace.device != torch.device(device) or workspace.dim() != 1 \
+            or not workspace.is_contiguous() or workspace.data_ptr() % 256:
+        raise ValueError(f"workspace: expected a contiguous 1-D uint8 tensor on {device}, 256-byte aligned, "
+                         f"got {workspace.dtype} {tuple(workspace.shape)} on {workspace.device}")
+    if workspace.numel() < sum(sizes):
+        raise ValueError(f"workspace: expected at least {sum(sizes)} bytes for this plan, got {workspace.numel()}")
+    out, at = {}, 0
+    for (name, numel, dtype), size in zip(specs, sizes):
+        out[name] = workspace[at:at + size].view(dtype)[:numel]
+        at += size
+    return out

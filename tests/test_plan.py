@@ -1,6 +1,7 @@
 """Split-KV work lists: every token covered exactly once, tile-aligned, balanced, within the graph bound."""
 import numpy as np
 import pytest
+import torch
 
 from pagedinfer import plan
 
@@ -53,3 +54,14 @@ def test_split_fits_one_wave(batch, kv_len):
     work = plan.split_kv(np.zeros(batch, int), np.zeros(batch, int), ends, kv_heads=8, tile=32, target_ctas=264)
     assert work.num_items * 8 <= 264
     assert work.num_items * 8 > 264 // 2 or kv_len <= 32 * 264 // 8 // batch
+
+
+def test_carve_buffers_from_a_caller_workspace():
+    ws = torch.zeros(4096, dtype=torch.uint8)
+    bufs = plan.carve_buffers([("a", 10, torch.int32), ("b", 3, torch.float32)], "cpu", ws)
+    assert bufs["a"].numel() == 10 and bufs["b"].numel() == 3
+    assert bufs["a"].data_ptr() == ws.data_ptr() and bufs["b"].data_ptr() == ws.data_ptr() + 256
+    with pytest.raises(ValueError, match="workspace: expected at least 512 bytes for this plan, got 300"):
+        plan.carve_buffers([("a", 10, torch.int32), ("b", 3, torch.float32)], "cpu", ws[:300])
+    with pytest.raises(ValueError, match="workspace: expected a contiguous 1-D uint8 tensor"):
+        plan.carve_buffers([("a", 10, torch.int32)], "cpu", torch.zeros(100, dtype=torch.int32))
