@@ -1,4 +1,5 @@
 """Batch decode: one query token per request against a paged KV cache, grouped-query attention.
+(`pagedinfer.verify` runs the same kernel with up to 16 draft tokens per request.)
 
     wrapper = DecodeWrapper()                     # once
     wrapper.plan(table, num_qo_heads=32, num_kv_heads=8, head_dim=128)   # once per step, host side
@@ -37,9 +38,20 @@ def _stages(head_dim: int) -> tuple[int, int]:
     return stages, stages * stage_bytes
 
 
-def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool) -> str:
+NO_MASK, CAUSAL, TREE = 0, 1, 2  # kernels/decode.cu: Mask
+
+
+def row_tiles(rows: int) -> tuple[int, int]:
+    """(16-row MMA tiles per CTA: 1, 2 or 4; row blocks) for `rows` query rows (tokens x group) per KV head."""
+    tiles = -(-rows // 16)
+    per_cta = 1 if tiles <= 1 else 2 if tiles <= 2 else 4
+    return per_cta, -(-tiles // per_cta)
+
+
+def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, m_tiles: int = 1,
+                mask: int = NO_MASK) -> str:
     soft = "true" if soft_cap else "false"
-    return f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}>"
+    return f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}, {m_tiles}, {mask}>"
 
 
 # A representative set for the CI compile check: every dtype, head dim, soft-cap flag, and groups and page
@@ -47,13 +59,14 @@ def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
 SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 5, 256, False),
     ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
-    ("fp16", 128, 7, 128, False)]]
+    ("fp16", 128, 7, 128, False), ("bf16", 128, 4, 16, False, 2, CAUSAL), ("fp16", 64, 3, 16, True, 4, TREE),
+    ("bf16", 256, 16, 1, False, 4, CAUSAL)]]
 
 
 class DecodeWrapper:
     def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_pages: int | None = None,
-                 workspace: torch.Tensor | None = None):
+                 workspace: torch.Tensor | None = None, max_qo_len: int = 1):
         """`use_cuda_graph=True` fixes every buffer at the first plan: give the largest batch
         (`max_batch_size`) and the most page ids (`max_pages`, the summed page count of a batch) it will see.
         `workspace` (uint8, owned by the caller) holds those buffers instead of allocations of the wrapper's
@@ -67,6 +80,7 @@ class DecodeWrapper:
             fail("max_batch_size, max_pages", "positive capacities when use_cuda_graph=True",
                  (max_batch_size, max_pages))
         self.max_batch_size, self.max_pages = max_batch_size, max_pages
+        self.max_qo_len = max_qo_len  # query tokens per request the CUDA-graph buffers are sized for
         self.workspace = workspace
         self._plan = None
         self._buffers = None  # device buffers, grown in eager mode, fixed in CUDA-graph mode
@@ -81,6 +95,26 @@ class DecodeWrapper:
              kv_lens_host: torch.Tensor | None = None, indptr_host: torch.Tensor | None = None) -> None:
         """Host side of one decode step. For a page table on the GPU, pass `kv_lens_host` (and, for CSR,
         `indptr_host`) to avoid a device->host copy; without them plan reads them back (one sync)."""
+        self._check_table(table)
+        batch = table.batch_size
+        self._plan_requests(table, np.arange(batch), np.ones(batch, dtype=np.int64), num_qo_heads, num_kv_heads,
+                            head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=sm_scale,
+                            logits_soft_cap=logits_soft_cap, window_left=window_left, kv_lens_host=kv_lens_host,
+                            indptr_host=indptr_host)
+
+    def _check_table(self, table) -> None:
+        if not isinstance(table, (PageTable, BlockTable)):
+            fail("table", "a PageTable or BlockTable (pagedinfer.csr_page_table / block_page_table)",
+                 type(table).__name__)
+        if self.use_cuda_graph and table.batch_size > self.max_batch_size:
+            fail("table", f"at most max_batch_size={self.max_batch_size} requests", table.batch_size)
+
+    def _plan_requests(self, table, qo_starts: np.ndarray, qo_lens: np.ndarray, num_qo_heads: int,
+                       num_kv_heads: int, head_dim: int, *, q_dtype, kv_dtype, sm_scale, logits_soft_cap,
+                       window_left, kv_lens_host, indptr_host, mask: int = NO_MASK, tree_mask=None,
+                       mask_offsets: np.ndarray | None = None) -> None:
+        """The plan shared by decode and verify: request i has qo_lens[i] query tokens from row qo_starts[i]
+        of q, the last qo_lens[i] keys of its KV being their own."""
         kv_dtype = q_dtype if kv_dtype is None else kv_dtype
         check_head_dim("head_dim", head_dim)
         group = check_group(num_qo_heads, num_kv_heads)
@@ -91,47 +125,59 @@ class DecodeWrapper:
         scale = check_sm_scale(sm_scale, head_dim)
         cap = check_soft_cap(logits_soft_cap)
         window = check_window(window_left)
-        if not isinstance(table, (PageTable, BlockTable)):
-            fail("table", "a PageTable or BlockTable (pagedinfer.csr_page_table / block_page_table)",
-                 type(table).__name__)
         batch = table.batch_size
-        if self.use_cuda_graph and batch > self.max_batch_size:
-            fail("table", f"at most max_batch_size={self.max_batch_size} requests", batch)
-
         lens, row_starts = self._host_lengths(table, kv_lens_host, indptr_host)
         if lens.min() < 1:
-            fail("kv lengths", "every request holding at least one token in decode", int(lens.min()))
-        begins = np.maximum(0, lens - 1 - window) if window >= 0 else np.zeros_like(lens)
+            fail("kv lengths", "every request holding at least one token", int(lens.min()))
+        if bool((qo_lens > lens).any()):
+            fail("qo_indptr", "at most kv_len query tokens per request (their keys are in the cache)",
+                 f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
+        prefix = lens - qo_lens
+        begins = np.maximum(0, prefix - window) if window >= 0 else np.zeros_like(lens)
+
+        rows = (self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())) * group
+        m_tiles, row_blocks = row_tiles(rows)
         from .kernels import get_kernel
-        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0),
-                            device_index=self.device.index)
+        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size,
+                                                     cap > 0, m_tiles, mask), device_index=self.device.index)
         smem = _stages(head_dim)[1]
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms  # one full wave of CTAs
-        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_TILE, target_ctas=target,
-                                 min_chunk=_MIN_CHUNK)
+        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms // row_blocks  # one full wave of CTAs
+        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_TILE,
+                                 target_ctas=max(1, target), min_chunk=_MIN_CHUNK)
+        requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
+                             else mask_offsets], axis=1).astype(np.int32)
 
         page_ids_dev, host_ids = self._page_ids_source(table)
+        block_rows = row_blocks * m_tiles * 16
+        mask_bytes = 0 if tree_mask is None else tree_mask.numel()
         if self.use_cuda_graph:
-            capacity = planning.max_items(self.max_batch_size, num_kv_heads, target)
-            need = dict(items=capacity, slots=capacity, counters=self.max_batch_size * num_kv_heads,
-                        ids=self.max_pages)
+            capacity = planning.max_items(self.max_batch_size, num_kv_heads, max(1, target))
+            need = dict(items=capacity, slots=capacity, requests=self.max_batch_size,
+                        counters=self.max_batch_size * num_kv_heads * row_blocks, ids=self.max_pages,
+                        mask=self.max_batch_size * self.max_qo_len * self.max_qo_len // 8 + 16)
         else:
             capacity = work.num_items
-            need = dict(items=capacity, slots=max(work.num_slots, 1), counters=batch * num_kv_heads,
-                        ids=0 if host_ids is None else host_ids.numel())
-        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim))
-        page_ids = self._upload(work, host_ids, page_ids_dev)
+            need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
+                        counters=batch * num_kv_heads * row_blocks,
+                        ids=0 if host_ids is None else host_ids.numel(), mask=max(mask_bytes, 16))
+        if mask_bytes > need["mask"]:
+            fail("tree_mask", f"at most {need['mask']} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
+        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block_rows))
+        page_ids = self._upload(work, requests, host_ids, page_ids_dev)
+        b = self._buffers
+        if tree_mask is not None:
+            b["mask"][:mask_bytes].copy_(tree_mask, non_blocking=True)
 
         qk_scale = scale / cap if cap > 0 else scale * LOG2E
-        b = self._buffers
-        work_ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"])
+        ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
         self._plan = dict(
-            kernel=kernel, batch=batch, q_heads=num_qo_heads, kv_heads=num_kv_heads, head_dim=head_dim,
-            dtype=q_dtype, page_size=table.page_size, grid=(num_kv_heads, capacity), smem=smem,
-            work_args=tuple(np.uint64(t.data_ptr()) for t in work_ptrs),
+            kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
+            grid=(num_kv_heads, capacity, row_blocks), smem=smem,
+            work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
-                       np.float32(qk_scale), np.float32(cap * LOG2E)),
+                       np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
             keep_alive=page_ids)  # the kernel reads these page ids by address
 
     @staticmethod
@@ -170,28 +216,33 @@ class DecodeWrapper:
                      shape)
             if b["shape"] == shape:  # grow, never shrink
                 need = {k: max(v, b["need"][k]) for k, v in need.items()}
-        q_heads, _, head_dim = shape
+        q_heads, kv_heads, head_dim, block_rows = shape
         self._buffers = planning.carve_buffers([
-            ("work", planning.ITEM_INTS * (1 + need["items"]) + need["ids"], torch.int32),
-            ("partial_o", need["slots"] * q_heads * head_dim, torch.float32),
-            ("partial_lse", need["slots"] * q_heads, torch.float32),
-            ("counters", need["counters"], torch.int32)], self.device, self.workspace)
+            ("work", planning.ITEM_INTS * (1 + need["items"]) + 4 * need["requests"] + need["ids"], torch.int32),
+            ("partial_o", need["slots"] * kv_heads * block_rows * head_dim, torch.float32),
+            ("partial_lse", need["slots"] * kv_heads * block_rows, torch.float32),
+            ("counters", need["counters"], torch.int32),
+            ("mask", need["mask"], torch.uint8)], self.device, self.workspace)
         self._buffers["counters"].zero_()  # the kernel leaves them at zero after every launch
         self._buffers.update(need=need, shape=shape)
 
-    def _upload(self, work: planning.WorkList, host_ids, page_ids_dev):
-        """One copy: [item count | items | host page ids] -> the device work buffer. Returns the page ids
-        the kernel reads."""
+    def _requests_at(self) -> int:
+        return planning.ITEM_INTS * (1 + self._buffers["need"]["items"])
+
+    def _upload(self, work: planning.WorkList, requests: np.ndarray, host_ids, page_ids_dev):
+        """One copy: [item count | items | requests | host page ids] -> the device work buffer. Returns the
+        page ids the kernel reads."""
         b = self._buffers
-        ids_at = planning.ITEM_INTS * (1 + b["need"]["items"])
+        req_at = self._requests_at()
+        ids_at = req_at + 4 * b["need"]["requests"]
         for ids in (host_ids, page_ids_dev):
             if ids is not None and self.use_cuda_graph and ids.numel() > self.max_pages:
                 fail("table", f"at most max_pages={self.max_pages} page ids", ids.numel())
-        n = planning.ITEM_INTS * (1 + work.num_items)
-        end = ids_at + host_ids.numel() if host_ids is not None else n
+        end = ids_at + host_ids.numel() if host_ids is not None else req_at + requests.size
         host = self._staging.take(end)
         host[0] = work.num_items
-        host[planning.ITEM_INTS:n] = torch.from_numpy(work.items.reshape(-1))
+        host[planning.ITEM_INTS:planning.ITEM_INTS * (1 + work.num_items)] = torch.from_numpy(work.items.reshape(-1))
+        host[req_at:req_at + requests.size] = torch.from_numpy(requests.reshape(-1))
         if host_ids is not None:
             host[ids_at:end] = host_ids
         b["work"][:end].copy_(host, non_blocking=True)
@@ -206,12 +257,12 @@ class DecodeWrapper:
     # ------------------------------------------------------------------------------------------ run
 
     def run(self, q: torch.Tensor, kv_cache, out: torch.Tensor | None = None, return_lse: bool = False):
-        """q [batch, num_qo_heads, head_dim] -> out (same shape), and the LSE [batch, num_qo_heads]
-        (natural log) when return_lse."""
+        """q [tokens, num_qo_heads, head_dim] (decode: one token per request) -> out (same shape), and the
+        LSE [tokens, num_qo_heads] (natural log) when return_lse."""
         p = self._plan
         if p is None:
             fail("run", "a plan() first", "no plan")
-        shape = (p["batch"], p["q_heads"], p["head_dim"])
+        shape = (p["tokens"], p["q_heads"], p["head_dim"])
         check_rows("q", q, shape, p["dtype"], self.device)
         cache, cache_args = self._caches.get(kv_cache)
         if cache.dtype != p["dtype"] or cache.device != self.device or (

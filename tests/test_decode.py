@@ -1,7 +1,6 @@
 """Paged decode against the PyTorch reference: validation on the CPU; on the GPU a fuzz over the whole
 coverage (dtypes, head dims, GQA groups 1-16, page sizes, layouts, page-table forms, lengths, soft cap,
 sliding window), CUDA-graph replay after a new plan, and a small sweep for compute-sanitizer."""
-import itertools
 import math
 import os
 import subprocess
@@ -11,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from paged_cases import build_paged, random_queries
+
 from pagedinfer import kernels, reference
 from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode, kernel_name
-from pagedinfer.paged import as_paged_kv_cache, block_page_table, csr_page_table
+from pagedinfer.paged import as_paged_kv_cache, block_page_table
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -57,38 +58,13 @@ def make_case(rng, spec, device="cuda", lens=None, kv_heads=None, batch=None):
     kv_heads = kv_heads or int(rng.choice([1, 2, 3, 4]))
     batch = batch or int(rng.choice([1, 2, 3, 5, 8, 17, 33]))
     lens = lens or random_lengths(rng, batch, page_size)
-    pages = [math.ceil(n / page_size) for n in lens]
-    num_pages = sum(pages) + int(rng.integers(0, 5))
-    layout = str(rng.choice(["NHD", "HND"]))
-    shape = (num_pages, 2, page_size, kv_heads, head_dim) if layout == "NHD" else \
-        (num_pages, 2, kv_heads, page_size, head_dim)
-    cache = torch.randn(shape, dtype=dtype, device=device)
-    if rng.random() < 0.3:
-        cache = (cache[:, 0], cache[:, 1])  # a (k, v) pair of strided views
-    perm = torch.randperm(num_pages, device=device).to(torch.int32)
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
-    if rng.random() < 0.5:
-        indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32, device=device)
-        last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32,
-                            device=device)
-        table = csr_page_table(indptr, perm[: sum(pages)], last, page_size)
-    else:
-        width = max(pages) + int(rng.integers(0, 3))
-        bt = torch.zeros(batch, width, dtype=torch.int32, device=device)
-        at = 0
-        for b, p in enumerate(pages):
-            bt[b, :p] = perm[at:at + p]
-            at += p
-        table = block_page_table(bt, lens_t, page_size)
+    cache, table, layout = build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device)
     q_heads = kv_heads * group
-    if rng.random() < 0.3:  # q as a view into a fused qkv projection
-        q = torch.randn(batch, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)[:, :q_heads]
-    else:
-        q = torch.randn(batch, q_heads, head_dim, dtype=dtype, device=device)
     options = dict(sm_scale=float(rng.uniform(0.5, 1.5)) / math.sqrt(head_dim) if rng.random() < 0.5 else None,
                    logits_soft_cap=float(rng.uniform(5, 50)) if soft_cap else None,
                    window_left=int(rng.integers(0, 3000)) if rng.random() < 0.25 else -1)
-    return dict(q=q, cache=cache, table=table, layout=layout, options=options, dtype=dtype)
+    return dict(q=random_queries(rng, batch, q_heads, kv_heads, head_dim, dtype, device), cache=cache,
+                table=table, layout=layout, options=options, dtype=dtype)
 
 
 def check_against_reference(case, out, lse):

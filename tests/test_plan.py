@@ -57,7 +57,8 @@ def test_split_fits_one_wave(batch, kv_len):
 
 
 def test_carve_buffers_from_a_caller_workspace():
-    ws = torch.zeros(4096, dtype=torch.uint8)
+    raw = torch.zeros(4096 + 256, dtype=torch.uint8)
+    ws = raw[(-raw.data_ptr()) % 256:][:4096]  # 256-byte aligned, as device allocations are
     bufs = plan.carve_buffers([("a", 10, torch.int32), ("b", 3, torch.float32)], "cpu", ws)
     assert bufs["a"].numel() == 10 and bufs["b"].numel() == 3
     assert bufs["a"].data_ptr() == ws.data_ptr() and bufs["b"].data_ptr() == ws.data_ptr() + 256

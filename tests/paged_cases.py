@@ -1,0 +1,44 @@
+"""Random paged caches, page tables and queries shared by the kernel tests."""
+import itertools
+import math
+
+import torch
+
+from pagedinfer.paged import block_page_table, csr_page_table
+
+
+def build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device):
+    """A cache holding `lens` tokens per request on randomly permuted pages (plus a few unused ones), in a
+    random layout and storage form, and a CSR or block-table page table over it."""
+    batch = len(lens)
+    pages = [math.ceil(n / page_size) for n in lens]
+    num_pages = sum(pages) + int(rng.integers(0, 5))
+    layout = str(rng.choice(["NHD", "HND"]))
+    shape = (num_pages, 2, page_size, kv_heads, head_dim) if layout == "NHD" else \
+        (num_pages, 2, kv_heads, page_size, head_dim)
+    cache = torch.randn(shape, dtype=dtype, device=device)
+    if rng.random() < 0.3:
+        cache = (cache[:, 0], cache[:, 1])  # a (k, v) pair of strided views
+    perm = torch.randperm(num_pages, device=device).to(torch.int32)
+    if rng.random() < 0.5:
+        indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32, device=device)
+        last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32,
+                            device=device)
+        table = csr_page_table(indptr, perm[: sum(pages)], last, page_size)
+    else:
+        width = max(pages) + int(rng.integers(0, 3))
+        bt = torch.zeros(batch, width, dtype=torch.int32, device=device)
+        at = 0
+        for b, p in enumerate(pages):
+            bt[b, :p] = perm[at:at + p]
+            at += p
+        table = block_page_table(bt, torch.tensor(lens, dtype=torch.int32, device=device), page_size)
+    return cache, table, layout
+
+
+def random_queries(rng, tokens, q_heads, kv_heads, head_dim, dtype, device):
+    """[tokens, q_heads, head_dim]; sometimes a view into a fused qkv projection (strided rows)."""
+    if rng.random() < 0.3:
+        fused = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
+        return fused[:, :q_heads]
+    return torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
