@@ -238,17 +238,14 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[h], mx);
         const float base = m_new == NEG_INF ? 0.f : m_new;  // no (-inf) - (-inf) before any visible key
-        // Once the running maximum settles it rarely moves: skip the rescale when no row of the warp moved.
-        if (__any_sync(0xffffffffu, m_new != m[h])) {
-          const float rescale = fast_exp2(m[h] - base);
-          l[h] *= rescale;
-#pragma unroll
-          for (int n = 0; n < S::NTILES; ++n) {
-            o[n][2 * h] *= rescale;
-            o[n][2 * h + 1] *= rescale;
-          }
-        }
+        const float rescale = fast_exp2(m[h] - base);
         m[h] = m_new;
+        l[h] *= rescale;
+#pragma unroll
+        for (int n = 0; n < S::NTILES; ++n) {
+          o[n][2 * h] *= rescale;
+          o[n][2 * h + 1] *= rescale;
+        }
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -345,7 +342,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     const int r = row0 + idx / (HEAD_DIM / 4), d4 = idx % (HEAD_DIM / 4);
     float mx = NEG_INF, den = 0.f;
     float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
+#pragma unroll 8
     for (int c = 0; c < it.chunks; ++c) {
       const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * block_rows + r;
       const float part_lse = __ldcg(partial_lse + at);

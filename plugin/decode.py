@@ -143,11 +143,8 @@ class DecodeWrapper:
         smem = _stages(head_dim)[1]
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms // row_blocks  # one full wave of CTAs
-        # A chunk's partial result (rows x head_dim floats) is written and merged again: keep it an eighth of
-        # the K/V bytes the chunk reads, or the merge, done by one CTA per request and head, dominates.
-        min_chunk = max(_MIN_CHUNK, 8 * min(rows, 16 * m_tiles))
         work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_TILE,
-                                 target_ctas=max(1, target), min_chunk=min_chunk)
+                                 target_ctas=max(1, target), min_chunk=_MIN_CHUNK)
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
 
