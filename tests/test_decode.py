@@ -187,7 +187,7 @@ def test_cuda_graph_replay_after_a_new_plan(layout):
     shape = (2000, 2, 16, 2, 128) if layout == "NHD" else (2000, 2, 2, 16, 128)
     cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     q = torch.randn(3, 8, 128, dtype=torch.bfloat16, device="cuda")
-    workspace = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")  # caller-owned fixed buffers
+    workspace = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")  # caller-owned fixed buffers
     wrapper = DecodeWrapper("cuda", kv_layout=layout, use_cuda_graph=True, max_batch_size=4, max_pages=2000,
                             workspace=workspace)
     out = torch.empty_like(q)
