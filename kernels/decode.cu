@@ -1,9 +1,10 @@
-// Paged GQA attention for a few query tokens per request against that request's paged K/V, on tensor cores:
-// decode (one token) and speculative verification (up to 16 draft tokens, causal or a packed tree mask).
+// Paged GQA attention for query tokens against their request's paged K/V, on tensor cores: decode (one
+// token), speculative verification (up to 16 drafts, causal or a packed tree mask) and prefill (causal,
+// none or a packed custom mask). The last qo_len keys of a request are its query tokens' own.
 //
-// Grid: (kv heads, work items, row blocks): the heads of one item run side by side, so the DRAM rows a page
-// spreads over are read at about the same time. Query rows are (draft token, head of the group) pairs,
-// token-major; a CTA holds up to 64 of them (M_TILES x 16), more go to further row blocks. A work item is a token range [begin, end) of one request (the whole request,
+// Grid: (kv heads, work items): the heads of one item run side by side, so the DRAM rows a page spreads
+// over are read at about the same time. Query rows are (token, head of the group) pairs, token-major; an
+// item covers one block of up to 64 of them (M_TILES x 16) and one range of keys. A work item is a token range [begin, end) of one request (the whole request,
 // or one chunk of it when plan() splits long requests so that small batches still fill the GPU). One CTA
 // serves every query head of its KV head, so each K/V row is read from memory once per group: the group's
 // query heads are the 16 rows of the mma.sync m16n8k16 A operand (zero-padded), keys the columns.
@@ -28,10 +29,10 @@ constexpr float LN2 = 0.6931471805599453f;
 // split request keeps its partial results.
 struct Item {
   int req, row_start, begin, end;
-  int slot;        // partial slot of this chunk, or -1 when the item is the whole request
-  int first_slot;  // first partial slot of the request
-  int chunks;      // chunks of the request
-  int pad;
+  int slot;        // partial slot of this chunk, or -1 when the item is the whole key range
+  int first_slot;  // first partial slot of its (request, row block); also names its merge counter
+  int chunks;      // chunks of its (request, row block)
+  int row_block;   // which ROWS query rows of the request
 };
 
 // Per request: where its query tokens start in q/out, how many there are, its KV length (drafts included,
@@ -40,7 +41,7 @@ struct Request {
   int qo_start, qo_len, kv_len, mask_offset;
 };
 
-enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2 };
+enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
 
 // Row j of a tree mask (bit i set: draft j may attend draft i), bits j*qo_len .. of the request's segment.
 __device__ __forceinline__ u32 tree_row(const unsigned char* mask, int offset, int qo_len, int j) {
@@ -66,20 +67,22 @@ struct Shape {
 }  // namespace decode_detail
 
 // STAGES and the dynamic shared memory (STAGES * STAGE_ELEMS * 2 bytes) are chosen by plan(); so is M_TILES
-// (1, 2 or 4 tiles of 16 query rows per CTA: the warps split the tile's tokens M_TILES ways fewer).
-template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int STAGES, int M_TILES, int MASK>
+// (1, 2 or 4 tiles of 16 query rows per CTA: the warps split the tile's tokens M_TILES ways fewer), and
+// HIGH_ROWS (false when no request has more than 8 rows: rows 8..15 of the one tile are padding).
+template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int STAGES, int M_TILES, int MASK,
+          bool HIGH_ROWS>
 __global__ void __launch_bounds__(decode_detail::THREADS)
 decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
        const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
        i64 page_stride, i64 token_stride, i64 head_stride,
        const int* __restrict__ page_ids, const decode_detail::Item* __restrict__ items,
        const decode_detail::Request* __restrict__ requests, const int* __restrict__ num_items,
-       const unsigned char* __restrict__ tree_mask,
+       const unsigned char* __restrict__ mask_bits,  // packed tree or custom masks, per request
        u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
        float* __restrict__ lse,          // [tokens, q heads], natural log; null when not wanted
-       float* __restrict__ partial_o,    // [slots, kv heads, rows, HEAD_DIM]
-       float* __restrict__ partial_lse,  // [slots, kv heads, rows], base 2
-       int* __restrict__ counters,       // [batch, kv heads, row blocks], zero between launches
+       float* __restrict__ partial_o,    // [slots, kv heads, M_TILES * 16, HEAD_DIM]
+       float* __restrict__ partial_lse,  // [slots, kv heads, M_TILES * 16], base 2
+       int* __restrict__ counters,       // [slots, kv heads], zero between launches
        float qk_scale, float cap_log2, int window_left) {
   using namespace decode_detail;
   typedef Shape<HEAD_DIM> S;
@@ -87,14 +90,11 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   constexpr int ROWS = M_TILES * 16;         // query rows of this CTA
   constexpr int PARTS = WARPS / M_TILES;     // warps on one row tile, each on its own tokens of a stage
   constexpr int SPAN = TILE / PARTS;         // tokens of a stage per warp: M_TILES steps of 16
-  // Rows 8..15 of the one tile are padding in plain decode with a group of at most 8.
-  constexpr bool HIGH_ROWS = !(M_TILES == 1 && MASK == NO_MASK && GROUP <= 8);
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
   const Request rq = requests[it.req];
   const int kv_head = blockIdx.x, kv_heads = gridDim.x, q_heads = kv_heads * GROUP;
-  const int block_rows = gridDim.z * ROWS, row0 = blockIdx.z * ROWS;
-  if (row0 >= rq.qo_len * GROUP) return;  // a row block this request does not fill (same for all its chunks)
+  const int row0 = it.row_block * ROWS;
   const int q_head0 = kv_head * GROUP;
   const int prefix = rq.kv_len - rq.qo_len;  // keys every draft sees
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -129,7 +129,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   if (MASK == TREE) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      if (real[h]) tree[h] = tree_row(tree_mask, rq.mask_offset, rq.qo_len, tok[h]);
+      if (real[h]) tree[h] = tree_row(mask_bits, rq.mask_offset, rq.qo_len, tok[h]);
   }
   // Steps that need the per-element mask: past the chunk end, over the drafts' own keys, or below the
   // window start of the last draft (earlier drafts' windows start earlier; plan() starts at the first's).
@@ -213,7 +213,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
         mma_16816<T>(s[0], qa[kk], b[0], b[1]);
         mma_16816<T>(s[1], qa[kk], b[2], b[3]);
       }
-      const bool edge = first + 16 > it.end || first + 16 > prefix || first < window_until;
+      const bool edge = MASK == CUSTOM || first + 16 > it.end || first + 16 > prefix || first < window_until;
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -226,6 +226,10 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
             bool visible = key < it.end && (window_left < 0 || key >= prefix + tok[h] - window_left);
             if (MASK == CAUSAL) visible = visible && draft <= tok[h];
             if (MASK == TREE) visible = visible && (draft < 0 || ((tree[h] >> draft) & 1u));
+            if (MASK == CUSTOM && visible) {  // bit (token * kv_len + key) of the request's segment
+              const i64 bit = (i64)tok[h] * rq.kv_len + key;
+              visible = real[h] && ((mask_bits[rq.mask_offset + (bit >> 3)] >> (bit & 7)) & 1);
+            }
             x = visible ? x : NEG_INF;
           }
           s[n][e] = x;
@@ -317,7 +321,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
           Half<T>::pack2(x * inv, y * inv);
       if (lse != nullptr && dim == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
     } else {
-      const i64 at = ((i64)it.slot * kv_heads + kv_head) * block_rows + r;
+      const i64 at = ((i64)it.slot * kv_heads + kv_head) * ROWS + row;
       *reinterpret_cast<float2*>(partial_o + at * HEAD_DIM + dim) = make_float2(x * inv, y * inv);
       if (dim == 0) partial_lse[at] = lse2;
     }
@@ -329,7 +333,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    int* counter = counters + ((i64)it.req * kv_heads + kv_head) * gridDim.z + blockIdx.z;
+    int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
     is_last = atomicAdd(counter, 1) == it.chunks - 1;
     if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
   }
@@ -339,12 +343,12 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   // Each thread merges four dims of one row over all chunks: an online log-sum-exp merge whose loads (the
   // chunk's LSE and output) do not depend on the running state, so the unrolled loop keeps them in flight.
   for (int idx = tid; idx < rows_here * HEAD_DIM / 4; idx += THREADS) {
-    const int r = row0 + idx / (HEAD_DIM / 4), d4 = idx % (HEAD_DIM / 4);
+    const int row = idx / (HEAD_DIM / 4), r = row0 + row, d4 = idx % (HEAD_DIM / 4);
     float mx = NEG_INF, den = 0.f;
     float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
     for (int c = 0; c < it.chunks; ++c) {
-      const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * block_rows + r;
+      const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
       const float part_lse = __ldcg(partial_lse + at);
       const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
       const float m_new = fmaxf(mx, part_lse);

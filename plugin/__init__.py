@@ -12,7 +12,7 @@ _EXPORTS = {
     "csr_page_table": "paged", "block_page_table": "paged", "empty_csr": "paged",
     "append_kv": "cache", "csr_from_block_table": "cache",
     "pack_masks": "masks", "unpack_mask": "masks",
-    "DecodeWrapper": "decode", "VerifyWrapper": "verify",
+    "DecodeWrapper": "decode", "VerifyWrapper": "verify", "PrefillWrapper": "prefill",
 }
 __all__ = sorted(_EXPORTS)
 

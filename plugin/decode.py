@@ -38,7 +38,7 @@ def _stages(head_dim: int) -> tuple[int, int]:
     return stages, stages * stage_bytes
 
 
-NO_MASK, CAUSAL, TREE = 0, 1, 2  # kernels/decode.cu: Mask
+NO_MASK, CAUSAL, TREE, CUSTOM = 0, 1, 2, 3  # kernels/decode.cu: Mask
 
 
 def row_tiles(rows: int) -> tuple[int, int]:
@@ -49,9 +49,12 @@ def row_tiles(rows: int) -> tuple[int, int]:
 
 
 def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, m_tiles: int = 1,
-                mask: int = NO_MASK) -> str:
+                mask: int = NO_MASK, high_rows: bool | None = None) -> str:
+    """`high_rows`: some request has more than 8 query rows (defaults to: more than one token or group > 8)."""
     soft = "true" if soft_cap else "false"
-    return f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}, {m_tiles}, {mask}>"
+    high = (mask != NO_MASK or m_tiles > 1 or group > 8) if high_rows is None else high_rows
+    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}, {m_tiles}, "
+            f"{mask}, {'true' if high else 'false'}>")
 
 
 # A representative set for the CI compile check: every dtype, head dim, soft-cap flag, and groups and page
@@ -60,7 +63,7 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 5, 256, False),
     ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
     ("fp16", 128, 7, 128, False), ("bf16", 128, 4, 16, False, 2, CAUSAL), ("fp16", 64, 3, 16, True, 4, TREE),
-    ("bf16", 256, 16, 1, False, 4, CAUSAL)]]
+    ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK)]]
 
 
 class DecodeWrapper:
@@ -111,10 +114,11 @@ class DecodeWrapper:
 
     def _plan_requests(self, table, qo_starts: np.ndarray, qo_lens: np.ndarray, num_qo_heads: int,
                        num_kv_heads: int, head_dim: int, *, q_dtype, kv_dtype, sm_scale, logits_soft_cap,
-                       window_left, kv_lens_host, indptr_host, mask: int = NO_MASK, tree_mask=None,
+                       window_left, kv_lens_host, indptr_host, mask: int = NO_MASK, mask_bits=None,
                        mask_offsets: np.ndarray | None = None) -> None:
-        """The plan shared by decode and verify: request i has qo_lens[i] query tokens from row qo_starts[i]
-        of q, the last qo_lens[i] keys of its KV being their own."""
+        """The plan shared by decode, verify and prefill: request i has qo_lens[i] query tokens from row
+        qo_starts[i] of q, the last qo_lens[i] keys of its KV being their own. `mask_bits` (uint8 on the
+        device) holds the packed tree or custom masks, request i's at byte mask_offsets[i]."""
         kv_dtype = q_dtype if kv_dtype is None else kv_dtype
         check_head_dim("head_dim", head_dim)
         group = check_group(num_qo_heads, num_kv_heads)
@@ -133,48 +137,62 @@ class DecodeWrapper:
             fail("qo_indptr", "at most kv_len query tokens per request (their keys are in the cache)",
                  f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         prefix = lens - qo_lens
-        begins = np.maximum(0, prefix - window) if window >= 0 else np.zeros_like(lens)
-
-        rows = (self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())) * group
-        m_tiles, row_blocks = row_tiles(rows)
+        max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
+        m_tiles = row_tiles(max_tokens * group)[0]
+        block = 16 * m_tiles
         from .kernels import get_kernel
-        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size,
-                                                     cap > 0, m_tiles, mask), device_index=self.device.index)
+        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0,
+                                                     m_tiles, mask, max_tokens * group > 8),
+                            device_index=self.device.index)
         smem = _stages(head_dim)[1]
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms // row_blocks  # one full wave of CTAs
-        work = planning.split_kv(row_starts, begins, lens, kv_heads=num_kv_heads, tile=_TILE,
-                                 target_ctas=max(1, target), min_chunk=_MIN_CHUNK)
+        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms  # one full wave of CTAs
+
+        # Work units: (request, block of `block` query rows), each over the keys its rows can see.
+        blocks = -(-qo_lens * group // block)
+        unit_req = np.repeat(np.arange(batch), blocks)
+        unit_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+        first_tok = unit_block * block // group
+        last_tok = np.minimum(qo_lens[unit_req] - 1, (unit_block * block + block - 1) // group)
+        ends = lens[unit_req]
+        if mask == CAUSAL:
+            ends = np.minimum(ends, prefix[unit_req] + last_tok + 1)
+        begins = (np.maximum(0, prefix[unit_req] + first_tok - window) if window >= 0
+                  else np.zeros_like(ends))
+        work = planning.split_kv(row_starts[unit_req], begins, ends, kv_heads=num_kv_heads, tile=_TILE,
+                                 target_ctas=target, min_chunk=_MIN_CHUNK)
+        work.items[:, 7] = unit_block[work.items[:, 0]]
+        work.items[:, 0] = unit_req[work.items[:, 0]]
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
 
         page_ids_dev, host_ids = self._page_ids_source(table)
-        block_rows = row_blocks * m_tiles * 16
-        mask_bytes = 0 if tree_mask is None else tree_mask.numel()
+        mask_bytes = 0 if mask_bits is None else mask_bits.numel()
         if self.use_cuda_graph:
-            capacity = planning.max_items(self.max_batch_size, num_kv_heads, max(1, target))
-            need = dict(items=capacity, slots=capacity, requests=self.max_batch_size,
-                        counters=self.max_batch_size * num_kv_heads * row_blocks, ids=self.max_pages,
+            units = self.max_batch_size * -(-self.max_qo_len * group // block)
+            capacity = planning.max_items(units, num_kv_heads, target)
+            need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
                         mask=self.max_batch_size * self.max_qo_len * self.max_qo_len // 8 + 16)
         else:
             capacity = work.num_items
             need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
-                        counters=batch * num_kv_heads * row_blocks,
                         ids=0 if host_ids is None else host_ids.numel(), mask=max(mask_bytes, 16))
+        if capacity > 65535:  # the grid's y dimension
+            fail("qo_indptr", "at most 65535 work items of 64 query rows per plan (split the batch)", capacity)
         if mask_bytes > need["mask"]:
             fail("tree_mask", f"at most {need['mask']} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
-        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block_rows))
+        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block))
         page_ids = self._upload(work, requests, host_ids, page_ids_dev)
         b = self._buffers
-        if tree_mask is not None:
-            b["mask"][:mask_bytes].copy_(tree_mask, non_blocking=True)
+        if mask_bits is not None:
+            b["mask"][:mask_bytes].copy_(mask_bits, non_blocking=True)
 
         qk_scale = scale / cap if cap > 0 else scale * LOG2E
         ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
         self._plan = dict(
             kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
-            grid=(num_kv_heads, capacity, row_blocks), smem=smem,
+            grid=(num_kv_heads, capacity), smem=smem,
             work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
                        np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
@@ -216,12 +234,12 @@ class DecodeWrapper:
                      shape)
             if b["shape"] == shape:  # grow, never shrink
                 need = {k: max(v, b["need"][k]) for k, v in need.items()}
-        q_heads, kv_heads, head_dim, block_rows = shape
+        q_heads, kv_heads, head_dim, block = shape
         self._buffers = planning.carve_buffers([
             ("work", planning.ITEM_INTS * (1 + need["items"]) + 4 * need["requests"] + need["ids"], torch.int32),
-            ("partial_o", need["slots"] * kv_heads * block_rows * head_dim, torch.float32),
-            ("partial_lse", need["slots"] * kv_heads * block_rows, torch.float32),
-            ("counters", need["counters"], torch.int32),
+            ("partial_o", need["slots"] * kv_heads * block * head_dim, torch.float32),
+            ("partial_lse", need["slots"] * kv_heads * block, torch.float32),
+            ("counters", need["slots"] * kv_heads, torch.int32),
             ("mask", need["mask"], torch.uint8)], self.device, self.workspace)
         self._buffers["counters"].zero_()  # the kernel leaves them at zero after every launch
         self._buffers.update(need=need, shape=shape)

@@ -66,7 +66,7 @@ class VerifyWrapper(DecodeWrapper):
         self._plan_requests(table, offsets[:-1], qo_lens, num_qo_heads, num_kv_heads, head_dim, q_dtype=q_dtype,
                             kv_dtype=kv_dtype, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
                             window_left=window_left, kv_lens_host=kv_lens_host, indptr_host=indptr_host,
-                            mask=mask, tree_mask=tree_mask, mask_offsets=mask_offsets)
+                            mask=mask, mask_bits=tree_mask, mask_offsets=mask_offsets)
 
 
 def verify(q, qo_indptr, kv_cache, table, *, tree_mask=None, tree_mask_indptr=None, kv_layout: str = "NHD",

@@ -6,7 +6,7 @@ import pytest
 from pagedinfer import kernels
 
 # The op modules that launch kernels; each lists its instantiations in SPECIALIZATIONS.
-OP_MODULES = ["pagedinfer.cache", "pagedinfer.decode"]
+OP_MODULES = ["pagedinfer.cache", "pagedinfer.decode"]  # verify and prefill launch decode.cu too
 
 
 def all_specializations():

@@ -1,0 +1,199 @@
+"""Prefill / extend against the PyTorch reference: validation on the CPU; on the GPU a fuzz over query and
+prefix lengths, causal / none / packed custom masks, and the decode coverage (dtypes, head dims, groups,
+page sizes, layouts, page tables, soft cap, window), plus CUDA-graph replay."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from paged_cases import build_paged, random_queries
+
+from pagedinfer import kernels, reference
+from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK, kernel_name
+from pagedinfer.masks import pack_masks
+from pagedinfer.paged import as_paged_kv_cache, block_page_table
+from pagedinfer.prefill import PrefillWrapper, prefill
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+HEAD_DIMS = [64, 80, 96, 128, 256]
+PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
+MASKS = ["causal", "none", "custom"]
+
+
+def make_case(rng, spec, device="cuda", qo_lens=None, prefixes=None, mask=None):
+    dtype_name, head_dim, group, page_size, soft_cap = spec
+    dtype = DTYPES[dtype_name]
+    kv_heads = int(rng.choice([1, 2, 3]))
+    batch = len(qo_lens) if qo_lens else int(rng.choice([1, 2, 3, 5]))
+    qo_lens = qo_lens or [int(rng.integers(1, 300)) if rng.random() < 0.85 else int(rng.integers(300, 1500))
+                          for _ in range(batch)]
+    prefixes = prefixes or [int(rng.integers(0, 1500)) if rng.random() < 0.6 else 0 for _ in range(batch)]
+    lens = [p + n for p, n in zip(prefixes, qo_lens)]
+    cache, table, layout = build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device)
+    qo_indptr = torch.tensor(np.concatenate([[0], np.cumsum(qo_lens)]), dtype=torch.int32, device=device)
+    mask = mask or str(rng.choice(MASKS))
+    masks = dict(causal=mask == "causal")
+    if mask == "custom":
+        packed, mask_indptr = pack_masks([torch.from_numpy(rng.random((n, k)) < 0.7) for n, k in zip(qo_lens, lens)])
+        masks = dict(custom_mask=packed.to(device), mask_indptr=mask_indptr.to(device))
+    options = dict(sm_scale=float(rng.uniform(0.5, 1.5)) / math.sqrt(head_dim) if rng.random() < 0.5 else None,
+                   logits_soft_cap=float(rng.uniform(5, 50)) if soft_cap else None,
+                   window_left=int(rng.integers(0, 1000)) if rng.random() < 0.2 else -1)
+    q = random_queries(rng, sum(qo_lens), kv_heads * group, kv_heads, head_dim, dtype, device)
+    return dict(q=q, qo_indptr=qo_indptr, cache=cache, table=table, layout=layout, masks=masks, options=options,
+                dtype=dtype)
+
+
+def check_against_reference(case, out, lse):
+    masks = case["masks"]
+    ref_out, ref_lse = reference.prefill(case["q"], case["qo_indptr"], case["cache"], case["table"],
+                                         causal=masks.get("causal", False), packed_mask=masks.get("custom_mask"),
+                                         mask_indptr=masks.get("mask_indptr"), kv_layout=case["layout"],
+                                         sm_scale=case["options"]["sm_scale"],
+                                         logits_soft_cap=case["options"]["logits_soft_cap"] or 0.0,
+                                         window_left=case["options"]["window_left"])
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output"
+    err = (out.float() - ref_out.float()).norm() / ref_out.float().norm().clamp(min=1e-6)
+    assert err < TOLERANCE[case["dtype"]], f"relative error {err:.2e}"
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+def run_case(case, wrapper=None):
+    wrapper = wrapper or PrefillWrapper(case["q"].device, kv_layout=case["layout"])
+    cache = as_paged_kv_cache(case["cache"], case["layout"])
+    wrapper.plan(case["qo_indptr"], case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim,
+                 q_dtype=case["dtype"], **case["masks"], **case["options"])
+    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
+    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------ CPU: validation
+
+def cpu_table(lens):
+    return block_page_table(torch.zeros(len(lens), 8, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), 16)
+
+
+def test_plan_rejects_causal_with_custom_mask():
+    qo = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="causal, custom_mask: expected one of the two, got both"):
+        PrefillWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, causal=True,
+                                   custom_mask=torch.zeros(100, dtype=torch.uint8),
+                                   mask_indptr=torch.tensor([0, 20, 45], dtype=torch.int32))
+
+
+def test_plan_rejects_short_custom_mask_segments():
+    qo = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="mask_indptr: expected byte offsets giving each request"):
+        PrefillWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, custom_mask=torch.zeros(100, dtype=torch.uint8),
+                                   mask_indptr=torch.tensor([0, 10, 45], dtype=torch.int32))
+
+
+def test_plan_rejects_empty_and_too_long_queries():
+    with pytest.raises(ValueError, match="qo_indptr: expected offsets from 0 with 1 to 32768 tokens"):
+        PrefillWrapper("cpu").plan(torch.tensor([0, 0, 4], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64)
+    with pytest.raises(ValueError, match="qo_indptr: expected at most kv_len query tokens per request"):
+        PrefillWrapper("cpu").plan(torch.tensor([0, 41, 45], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64)
+
+
+def test_graph_mode_refuses_custom_masks():
+    w = PrefillWrapper("cpu", use_cuda_graph=True, max_batch_size=2, max_pages=16, max_qo_len=64)
+    with pytest.raises(ValueError, match="custom_mask: expected no custom mask with use_cuda_graph=True"):
+        w.plan(torch.tensor([0, 4, 8], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64,
+               custom_mask=torch.zeros(100, dtype=torch.uint8),
+               mask_indptr=torch.tensor([0, 20, 45], dtype=torch.int32))
+
+
+def test_one_shot_prefill_on_cpu_is_the_reference():
+    rng = np.random.default_rng(0)
+    case = make_case(rng, ("bf16", 64, 4, 16, False), device="cpu", qo_lens=[7, 30], prefixes=[5, 0])
+    out, lse = prefill(case["q"], case["qo_indptr"], case["cache"], case["table"], kv_layout=case["layout"],
+                       return_lse=True, **case["masks"], **case["options"])
+    check_against_reference(case, out, lse)
+
+
+# ------------------------------------------------------------------------------ GPU
+
+def spec_pool(size=48, seed=91):
+    rng = np.random.default_rng(seed)
+    return [("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7], bool(rng.random() < 0.3))
+            for i in range(size)]
+
+
+@pytest.fixture(scope="module")
+def warm_kernels():
+    specs = [("decode.cu", kernel_name(dtype, d, g, p, cap, 4, mask, True))
+             for dtype, d, g, p, cap in spec_pool() for mask in (NO_MASK, CAUSAL, CUSTOM)]
+    kernels.precompile(specs, kernels.device_arch())
+
+
+@pytest.mark.gpu
+def test_fuzz_300_cases_match_reference(warm_kernels):
+    rng = np.random.default_rng(777)
+    pool = spec_pool()
+    failures = []
+    for i in range(300):
+        spec = pool[int(rng.integers(len(pool)))]
+        case = make_case(rng, spec)
+        try:
+            check_against_reference(case, *run_case(case))
+        except AssertionError as e:
+            failures.append(f"case {i} {spec} qo={torch.diff(case['qo_indptr']).tolist()} "
+                            f"kv={case['table'].kv_lens().tolist()} masks={list(case['masks'])} "
+                            f"{case['layout']} {case['options']}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of 300 cases failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", ["causal", "none"])
+def test_long_prompt_with_prefix(mask):
+    rng = np.random.default_rng(3)
+    case = make_case(rng, ("bf16", 128, 4, 16, False), qo_lens=[4096, 1], prefixes=[3000, 9000], mask=mask)
+    case["options"] = dict(sm_scale=None, logits_soft_cap=None, window_left=-1)
+    check_against_reference(case, *run_case(case))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_after_a_new_plan():
+    rng = np.random.default_rng(11)
+    spec = ("bf16", 128, 4, 16, False)
+    first = make_case(rng, spec, qo_lens=[100, 20, 60], prefixes=[500, 0, 40], mask="causal")
+    first["options"] = dict(sm_scale=None, logits_soft_cap=None, window_left=-1)
+    cache, layout = first["cache"], first["layout"]
+    view = as_paged_kv_cache(cache, layout)
+    wrapper = PrefillWrapper("cuda", kv_layout=layout, use_cuda_graph=True, max_batch_size=4, max_pages=4000,
+                             max_qo_len=128)
+    wrapper.plan(first["qo_indptr"], first["table"], 8, view.kv_heads, 128, causal=True)
+    eager = wrapper.run(first["q"], cache)
+    out = torch.empty_like(first["q"])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, graph_lse = wrapper.run(first["q"], cache, out=out, return_lse=True)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+    qo_lens, lens = [30, 120, 30], [30, 700, 64]  # same 180 tokens, other split, lengths and pages
+    width = max(math.ceil(n / 16) for n in lens)
+    ids = torch.randperm(view.num_pages)[: 3 * width].view(3, width).to(torch.int32).cuda()
+    table = block_page_table(ids, torch.tensor(lens, dtype=torch.int32).cuda(), 16)
+    second = dict(first, table=table, qo_indptr=torch.tensor([0, 30, 150, 180], dtype=torch.int32, device="cuda"))
+    first["q"].copy_(torch.randn_like(first["q"]))
+    wrapper.plan(second["qo_indptr"], table, 8, view.kv_heads, 128, causal=True)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(second, out, graph_lse)
+
+
+@pytest.mark.gpu
+def test_sanitizer_sweep_prefill():
+    """A representative sweep, small enough to run under compute-sanitizer (memcheck and racecheck)."""
+    rng = np.random.default_rng(13)
+    for spec in [("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 16, 32, False)]:
+        for mask in MASKS:
+            case = make_case(rng, spec, qo_lens=[70, 3], prefixes=[100, 0], mask=mask)
+            check_against_reference(case, *run_case(case))
