@@ -26,6 +26,6 @@ if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer over the named tests, e.g. 
 fi
 for script in "$@"; do
   echo "== $script"
-  python3 "$script" || status=1
+  python3 $script || status=1  # unquoted: "bench.py --flag" passes its flags
 done
 exit $status
