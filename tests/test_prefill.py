@@ -164,7 +164,8 @@ def test_cuda_graph_replay_after_a_new_plan():
     view = as_paged_kv_cache(cache, layout)
     wrapper = PrefillWrapper("cuda", kv_layout=layout, use_cuda_graph=True, max_batch_size=4, max_pages=4000,
                              max_qo_len=128)
-    wrapper.plan(first["qo_indptr"], first["table"], 8, view.kv_heads, 128, causal=True)
+    q_heads = first["q"].shape[1]
+    wrapper.plan(first["qo_indptr"], first["table"], q_heads, view.kv_heads, 128, causal=True)
     eager = wrapper.run(first["q"], cache)
     out = torch.empty_like(first["q"])
     torch.cuda.synchronize()
@@ -176,13 +177,13 @@ def test_cuda_graph_replay_after_a_new_plan():
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
 
-    qo_lens, lens = [30, 120, 30], [30, 700, 64]  # same 180 tokens, other split, lengths and pages
+    qo_lens, lens = [30, 120, 30], [30, 200, 50]  # same 180 tokens, other split, lengths and pages
     width = max(math.ceil(n / 16) for n in lens)
     ids = torch.randperm(view.num_pages)[: 3 * width].view(3, width).to(torch.int32).cuda()
     table = block_page_table(ids, torch.tensor(lens, dtype=torch.int32).cuda(), 16)
     second = dict(first, table=table, qo_indptr=torch.tensor([0, 30, 150, 180], dtype=torch.int32, device="cuda"))
     first["q"].copy_(torch.randn_like(first["q"]))
-    wrapper.plan(second["qo_indptr"], table, 8, view.kv_heads, 128, causal=True)
+    wrapper.plan(second["qo_indptr"], table, q_heads, view.kv_heads, 128, causal=True)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
