@@ -46,12 +46,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
 // Sum over the whole block (blockDim.x a multiple of 32, <= 1024); every thread gets the total.
 __device__ __forceinline__ int block_sum(int x) {
   __shared__ int partial[32];
@@ -71,8 +65,6 @@ __device__ __forceinline__ int block_sum(int x) {
 // Copy units of N bytes: 16 for aligned rows, the element size otherwise.
 template <int N> struct Bytes;
 template <> struct Bytes<16> { typedef uint4 T; };
-template <> struct Bytes<8> { typedef uint2 T; };
-template <> struct Bytes<4> { typedef u32 T; };
 template <> struct Bytes<2> { typedef u16 T; };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {

@@ -41,11 +41,11 @@ def _stages(head_dim: int) -> tuple[int, int]:
 NO_MASK, CAUSAL, TREE, CUSTOM = 0, 1, 2, 3  # kernels/decode.cu: Mask
 
 
-def row_tiles(rows: int) -> tuple[int, int]:
-    """(16-row MMA tiles per CTA: 1, 2 or 4; row blocks) for `rows` query rows (tokens x group) per KV head."""
+def row_tiles(rows: int) -> int:
+    """16-row MMA tiles per CTA (1, 2 or 4) for `rows` query rows (tokens x group) per request and KV head;
+    more rows make more work units of that many rows."""
     tiles = -(-rows // 16)
-    per_cta = 1 if tiles <= 1 else 2 if tiles <= 2 else 4
-    return per_cta, -(-tiles // per_cta)
+    return 1 if tiles <= 1 else 2 if tiles <= 2 else 4
 
 
 def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, m_tiles: int = 1,
@@ -67,13 +67,19 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
 
 
 class DecodeWrapper:
+    MAX_QO_LEN = 1  # query tokens per request this wrapper accepts (VerifyWrapper: 16, PrefillWrapper: 32768)
+
     def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_pages: int | None = None,
-                 workspace: torch.Tensor | None = None, max_qo_len: int = 1):
+                 workspace: torch.Tensor | None = None, max_qo_len: int | None = None):
         """`use_cuda_graph=True` fixes every buffer at the first plan: give the largest batch
-        (`max_batch_size`) and the most page ids (`max_pages`, the summed page count of a batch) it will see.
-        `workspace` (uint8, owned by the caller) holds those buffers instead of allocations of the wrapper's
-        own; plan() says how many bytes it needs if it is too small."""
+        (`max_batch_size`), the most page ids (`max_pages`, the summed page count of a batch) and, for
+        verify and prefill, the most query tokens per request (`max_qo_len`) it will see. `workspace`
+        (uint8, owned by the caller) holds those buffers instead of allocations of the wrapper's own; plan()
+        says how many bytes it needs if it is too small."""
+        max_qo_len = self.MAX_QO_LEN if max_qo_len is None else max_qo_len
+        if not 1 <= max_qo_len <= self.MAX_QO_LEN:
+            fail("max_qo_len", f"1 to {self.MAX_QO_LEN} tokens per request", max_qo_len)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -104,6 +110,27 @@ class DecodeWrapper:
                             head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=sm_scale,
                             logits_soft_cap=logits_soft_cap, window_left=window_left, kv_lens_host=kv_lens_host,
                             indptr_host=indptr_host)
+
+    def _query_offsets(self, qo_indptr: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first q row, query tokens) per request from qo_indptr (read on the host)."""
+        check_tensor("qo_indptr", qo_indptr, ndim=1, dtypes=(torch.int32,))
+        check_shape("qo_indptr", qo_indptr, (batch + 1,))
+        offsets = qo_indptr.cpu().numpy().astype(np.int64)
+        qo_lens = np.diff(offsets)
+        if offsets[0] != 0 or qo_lens.min() < 1 or qo_lens.max() > self.max_qo_len:
+            fail("qo_indptr", f"offsets from 0 with 1 to {self.max_qo_len} tokens per request", offsets.tolist()[:8])
+        return offsets[:-1], qo_lens
+
+    @staticmethod
+    def _mask_offsets(name: str, mask_bits, indptr_name: str, mask_indptr, need: np.ndarray) -> np.ndarray:
+        """Byte offsets of each request's packed mask, checked to give request i `need[i]` bytes."""
+        check_tensor(name, mask_bits, ndim=1, dtypes=(torch.uint8,))
+        check_tensor(indptr_name, mask_indptr, ndim=1, dtypes=(torch.int32,))
+        check_shape(indptr_name, mask_indptr, (need.shape[0] + 1,))
+        offsets = mask_indptr.cpu().numpy().astype(np.int64)
+        if offsets[0] < 0 or bool((offsets[1:] - offsets[:-1] < need).any()) or offsets[-1] > mask_bits.numel():
+            fail(indptr_name, f"byte offsets giving each request its packed bits of {name}", offsets.tolist()[:8])
+        return offsets[:-1]
 
     def _check_table(self, table) -> None:
         if not isinstance(table, (PageTable, BlockTable)):
@@ -138,7 +165,7 @@ class DecodeWrapper:
                  f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         prefix = lens - qo_lens
         max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
-        m_tiles = row_tiles(max_tokens * group)[0]
+        m_tiles = row_tiles(max_tokens * group)
         block = 16 * m_tiles
         from .kernels import get_kernel
         kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0,

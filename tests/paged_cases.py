@@ -42,3 +42,31 @@ def random_queries(rng, tokens, q_heads, kv_heads, head_dim, dtype, device):
         fused = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
         return fused[:, :q_heads]
     return torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
+
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def assert_matches(out, lse, ref_out, ref_lse, dtype):
+    """Every output written (the caller poisons it with NaN first), relative error within the dtype's
+    tolerance, LSE within 1e-3."""
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output"
+    err = (out.float() - ref_out.float()).norm() / ref_out.float().norm().clamp(min=1e-6)
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+def fuzz(count, seed, pool, make_case, run_case, check, describe):
+    """Runs `count` cases drawn from a pool of kernel specialisations; returns a line per failure (every case
+    runs, so a report shows the pattern, not just the first miss)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    failures = []
+    for i in range(count):
+        spec = pool[int(rng.integers(len(pool)))]
+        case = make_case(rng, spec)
+        try:
+            check(case, *run_case(case))
+        except AssertionError as e:
+            failures.append(f"case {i} {spec} {describe(case)}: {str(e).splitlines()[0]}")
+    return failures
