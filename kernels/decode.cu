@@ -3,17 +3,18 @@
 // none or a packed custom mask). The last qo_len keys of a request are its query tokens' own.
 //
 // Grid: (kv heads, work items): the heads of one item run side by side, so the DRAM rows a page spreads
-// over are read at about the same time. Query rows are (token, head of the group) pairs, token-major; an
-// item covers one block of up to 64 of them (M_TILES x 16) and one range of keys. A work item is a token range [begin, end) of one request (the whole request,
-// or one chunk of it when plan() splits long requests so that small batches still fill the GPU). One CTA
-// serves every query head of its KV head, so each K/V row is read from memory once per group: the group's
-// query heads are the 16 rows of the mma.sync m16n8k16 A operand (zero-padded), keys the columns.
+// over are read at about the same time. Query rows are (token, head of the group) pairs, token-major. A
+// work item is one block of up to 64 of those rows (M_TILES x 16) of one request over one range of keys:
+// all the keys the rows can see, or one chunk of them when plan() splits a long request so that small
+// batches still fill the GPU. One CTA serves every query head of its KV head, so each K/V row is read from
+// memory once per group: query rows are the rows of the mma.sync m16n8k16 A operand (zero-padded), keys the
+// columns.
 //
-// Pipeline: K and V tiles of TILE tokens stream global -> shared with 16-byte cp.async, STAGES deep; each
-// of the 4 warps takes 16 tokens of a tile: S = Q K^T (ldmatrix), online softmax in base 2 on the
-// accumulators, O += P V (ldmatrix.trans). The warps' states merge through shared memory at the end.
-// A chunk's partial (output, LSE) goes to the workspace; the last CTA of a request (an atomic counter)
-// merges them, so a split request still costs one launch.
+// Pipeline: K and V tiles of TILE tokens stream global -> shared with 16-byte cp.async, STAGES deep. Each
+// of the 4 warps owns one 16-row tile and 64 / (4 / M_TILES) tokens of every stage: S = Q K^T (ldmatrix),
+// online softmax in base 2 on the accumulators, O += P V (ldmatrix.trans). Warps on the same rows merge
+// through shared memory at the end. A chunk's partial (output, LSE) goes to the workspace; the last CTA of
+// its (request, row block) merges them (an atomic counter), so a split request still costs one launch.
 #include "common.cuh"
 
 namespace decode_detail {
@@ -25,8 +26,8 @@ constexpr int WARP_TOKENS = 16;
 constexpr int TILE = WARPS * WARP_TOKENS;  // tokens per pipeline stage; plan() splits in multiples of it
 constexpr float LN2 = 0.6931471805599453f;
 
-// Work item, 8 ints, written by plan(): the request, where its page ids start, its token range, and where a
-// split request keeps its partial results.
+// Work item, 8 ints, written by plan(): the request, where its page ids start, its key range, where a split
+// key range keeps its partial results, and which rows.
 struct Item {
   int req, row_start, begin, end;
   int slot;        // partial slot of this chunk, or -1 when the item is the whole key range
@@ -35,8 +36,8 @@ struct Item {
   int row_block;   // which ROWS query rows of the request
 };
 
-// Per request: where its query tokens start in q/out, how many there are, its KV length (drafts included,
-// at the end) and the byte offset of its packed tree mask.
+// Per request: where its query tokens start in q/out, how many there are, its KV length (its own tokens
+// included, at the end) and the byte offset of its packed tree or custom mask.
 struct Request {
   int qo_start, qo_len, kv_len, mask_offset;
 };

@@ -1,9 +1,9 @@
-"""Host-side scheduling shared by the attention ops: split-KV work lists.
+"""Host-side scheduling shared by the attention ops: split-KV work lists, pinned staging, fixed buffers.
 
-A work item (8 int32, the layout of `Item` in kernels/decode.cu) is one token range of one request:
-  request, row_start (offset of its page ids), begin, end, slot, first_slot, chunks, 0
-`slot` is where a chunk of a split request leaves its partial (output, LSE); -1 when the item is the whole
-request and writes the output itself.
+A work item (8 int32, the layout of `Item` in kernels/decode.cu) is one key range of one work unit:
+  unit, row_start (offset of its page ids), begin, end, slot, first_slot, chunks, (row block)
+`slot` is where a chunk of a split unit leaves its partial (output, LSE); -1 when the item is the whole
+range and writes the output itself. The caller maps units to (request, row block).
 """
 from __future__ import annotations
 
