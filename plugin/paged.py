@@ -205,3 +205,12 @@ def empty_csr(batch_size: int, capacity: int, page_size: int, device) -> PageTab
     def z(n):
         return torch.zeros(n, dtype=torch.int32, device=device)
     return PageTable(z(batch_size + 1), z(capacity), z(batch_size), page_size)
+
+
+def __getattr__(name):
+    # The cache operations (append_kv, block table -> CSR) live in pagedinfer.cache with their kernels;
+    # they are reachable from here too, next to the structures they work on.
+    if name in ("append_kv", "csr_from_block_table"):
+        from . import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module 'pagedinfer.paged' has no attribute {name!r}")

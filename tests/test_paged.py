@@ -89,3 +89,12 @@ def test_query_rows_rule_names_device_dtype_shape_and_alignment():
     with pytest.raises(ValueError, match="q: expected 16-byte aligned rows"):
         check_rows("q", torch.zeros(2, 8, 65, dtype=torch.bfloat16)[..., 1:], (2, 8, 64), torch.bfloat16,
                    torch.device("cpu"))
+
+
+def test_cache_operations_are_reachable_from_paged():
+    import pagedinfer.cache
+    import pagedinfer.paged
+    assert pagedinfer.paged.append_kv is pagedinfer.cache.append_kv
+    assert pagedinfer.paged.csr_from_block_table is pagedinfer.cache.csr_from_block_table
+    with pytest.raises(AttributeError):
+        pagedinfer.paged.no_such_thing  # noqa: B018
