@@ -277,7 +277,12 @@ class Kernel:
             self._allow_shared_memory(shared_mem)
         stream = self._stream(torch.cuda.current_stream(self.device_index))
         try:
-            self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
+            if torch.cuda.current_device() == self.device_index:
+                self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
+            else:  # the module lives in its device's context: make that one current for the launch
+                import cupy
+                with cupy.cuda.Device(self.device_index):
+                    self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
         except Exception as e:
             raise RuntimeError(f"launch of {self.name} failed: grid {grid}, block {block}, "
                                f"{shared_mem} bytes of shared memory: {e}") from e
