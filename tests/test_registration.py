@@ -15,3 +15,14 @@ def test_entry_point_is_declared_and_idempotent(group, func):
     assert loaded is getattr(registration, func)
     loaded()
     loaded()
+
+
+def test_vllm_loader_calls_our_entry_point(monkeypatch):
+    """Inside vLLM's environment (nox session `vllm`): load_general_plugins() finds and calls us."""
+    plugins = pytest.importorskip("vllm.plugins")
+    calls = []
+    monkeypatch.setattr(registration, "register_vllm", lambda: calls.append("vllm"))
+    monkeypatch.setattr(plugins, "plugins_loaded", False)
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    plugins.load_general_plugins()
+    assert calls == ["vllm"]
