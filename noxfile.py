@@ -2,13 +2,14 @@
 
 Session `tests`: CPU tests, the NVRTC compile check for sm_80 and sm_90a, and the GPU tests (skipped
 without a GPU). Set PAGEDINFER_TORCH to pin the torch requirement (e.g. a CPU build) if you like.
-Session `vllm`: vLLM 0.26.0's own environment (it pins torch 2.11.0), where the engine tests run.
+Sessions `vllm` and `sglang`: each engine's own environment (vLLM 0.26.0 and SGLang 0.5.16 pin torch 2.11.0
+and cannot share one), where that engine's tests run.
 """
 import os
 
 import nox
 
-nox.options.sessions = ["tests", "vllm"]
+nox.options.sessions = ["tests", "vllm", "sglang"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -19,8 +20,17 @@ def tests(session):
     session.run("pytest", "-ra", *session.posargs)
 
 
+def _engine_session(session, requirement: str) -> None:
+    session.install(requirement, "pytest")
+    session.install("--no-deps", "-e", ".")  # the engine brings torch and numpy
+    session.run("pytest", "-ra", "tests/test_registration.py", *session.posargs)
+
+
 @nox.session
 def vllm(session):
-    session.install("vllm==0.26.0", "pytest")
-    session.install("--no-deps", "-e", ".")
-    session.run("pytest", "-ra", "tests/test_registration.py", *session.posargs)
+    _engine_session(session, "vllm==0.26.0")
+
+
+@nox.session
+def sglang(session):
+    _engine_session(session, "sglang==0.5.16")

@@ -26,3 +26,14 @@ def test_vllm_loader_calls_our_entry_point(monkeypatch):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     plugins.load_general_plugins()
     assert calls == ["vllm"]
+
+
+def test_sglang_loader_calls_our_entry_point(monkeypatch):
+    """Inside SGLang's environment (nox session `sglang`): load_plugins() finds and calls us."""
+    plugins = pytest.importorskip("sglang.srt.plugins")
+    calls = []
+    monkeypatch.setattr(registration, "register_sglang", lambda: calls.append("sglang"))
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    plugins.load_plugins()
+    assert calls == ["sglang"]
