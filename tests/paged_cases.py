@@ -70,3 +70,21 @@ def fuzz(count, seed, pool, make_case, run_case, check, describe):
         except AssertionError as e:
             failures.append(f"case {i} {spec} {describe(case)}: {str(e).splitlines()[0]}")
     return failures
+
+
+def run_ragged(wrapper_cls, case, wrapper=None):
+    """plan + run of a verify or prefill case (ragged queries) into a NaN-poisoned output; (out, lse)."""
+    from pagedinfer.paged import as_paged_kv_cache
+    wrapper = wrapper or wrapper_cls(case["q"].device, kv_layout=case["layout"])
+    cache = as_paged_kv_cache(case["cache"], case["layout"])
+    wrapper.plan(case["qo_indptr"], case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim,
+                 q_dtype=case["dtype"], **case["masks"], **case["options"])
+    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
+    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    return out, lse
+
+
+def cpu_block_table(lens, page_size=16, width=8):
+    """A CPU block table (all pages 0) for validation tests that never reach a kernel."""
+    return block_page_table(torch.zeros(len(lens), width, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                            page_size)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from paged_cases import assert_matches, build_paged, fuzz, random_queries
+from paged_cases import assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK, kernel_name
@@ -56,25 +56,16 @@ def check_against_reference(case, out, lse):
 
 
 def run_case(case, wrapper=None):
-    wrapper = wrapper or PrefillWrapper(case["q"].device, kv_layout=case["layout"])
-    cache = as_paged_kv_cache(case["cache"], case["layout"])
-    wrapper.plan(case["qo_indptr"], case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim,
-                 q_dtype=case["dtype"], **case["masks"], **case["options"])
-    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
-    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
-    return out, lse
+    return run_ragged(PrefillWrapper, case, wrapper)
 
 
 # ------------------------------------------------------------------------------ CPU: validation
-
-def cpu_table(lens):
-    return block_page_table(torch.zeros(len(lens), 8, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), 16)
 
 
 def test_plan_rejects_causal_with_custom_mask():
     qo = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="causal, custom_mask: expected one of the two, got both"):
-        PrefillWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, causal=True,
+        PrefillWrapper("cpu").plan(qo, cpu_block_table([40, 50]), 8, 2, 64, causal=True,
                                    custom_mask=torch.zeros(100, dtype=torch.uint8),
                                    mask_indptr=torch.tensor([0, 20, 45], dtype=torch.int32))
 
@@ -82,21 +73,21 @@ def test_plan_rejects_causal_with_custom_mask():
 def test_plan_rejects_short_custom_mask_segments():
     qo = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="mask_indptr: expected byte offsets giving each request"):
-        PrefillWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, custom_mask=torch.zeros(100, dtype=torch.uint8),
+        PrefillWrapper("cpu").plan(qo, cpu_block_table([40, 50]), 8, 2, 64, custom_mask=torch.zeros(100, dtype=torch.uint8),
                                    mask_indptr=torch.tensor([0, 10, 45], dtype=torch.int32))
 
 
 def test_plan_rejects_empty_and_too_long_queries():
     with pytest.raises(ValueError, match="qo_indptr: expected offsets from 0 with 1 to 32768 tokens"):
-        PrefillWrapper("cpu").plan(torch.tensor([0, 0, 4], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64)
+        PrefillWrapper("cpu").plan(torch.tensor([0, 0, 4], dtype=torch.int32), cpu_block_table([40, 50]), 8, 2, 64)
     with pytest.raises(ValueError, match="qo_indptr: expected at most kv_len query tokens per request"):
-        PrefillWrapper("cpu").plan(torch.tensor([0, 41, 45], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64)
+        PrefillWrapper("cpu").plan(torch.tensor([0, 41, 45], dtype=torch.int32), cpu_block_table([40, 50]), 8, 2, 64)
 
 
 def test_graph_mode_refuses_custom_masks():
     w = PrefillWrapper("cpu", use_cuda_graph=True, max_batch_size=2, max_pages=16, max_qo_len=64)
     with pytest.raises(ValueError, match="custom_mask: expected no custom mask with use_cuda_graph=True"):
-        w.plan(torch.tensor([0, 4, 8], dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64,
+        w.plan(torch.tensor([0, 4, 8], dtype=torch.int32), cpu_block_table([40, 50]), 8, 2, 64,
                custom_mask=torch.zeros(100, dtype=torch.uint8),
                mask_indptr=torch.tensor([0, 20, 45], dtype=torch.int32))
 

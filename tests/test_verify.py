@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from paged_cases import assert_matches, build_paged, fuzz, random_queries
+from paged_cases import assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, TREE, kernel_name, row_tiles
@@ -64,19 +64,10 @@ def check_against_reference(case, out, lse):
 
 
 def run_case(case, wrapper=None):
-    wrapper = wrapper or VerifyWrapper(case["q"].device, kv_layout=case["layout"])
-    cache = as_paged_kv_cache(case["cache"], case["layout"])
-    wrapper.plan(case["qo_indptr"], case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim,
-                 q_dtype=case["dtype"], **case["masks"], **case["options"])
-    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
-    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
-    return out, lse
+    return run_ragged(VerifyWrapper, case, wrapper)
 
 
 # ------------------------------------------------------------------------------ CPU: validation
-
-def cpu_table(lens):
-    return block_page_table(torch.zeros(len(lens), 8, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), 16)
 
 
 @pytest.mark.parametrize("qo_indptr,message", [
@@ -87,20 +78,20 @@ def cpu_table(lens):
 ])
 def test_plan_rejects_bad_qo_indptr(qo_indptr, message):
     with pytest.raises(ValueError, match=message):
-        VerifyWrapper("cpu").plan(torch.tensor(qo_indptr, dtype=torch.int32), cpu_table([40, 50]), 8, 2, 64)
+        VerifyWrapper("cpu").plan(torch.tensor(qo_indptr, dtype=torch.int32), cpu_block_table([40, 50]), 8, 2, 64)
 
 
 def test_plan_rejects_more_drafts_than_keys():
     with pytest.raises(ValueError, match="qo_indptr: expected at most kv_len query tokens per request"):
-        VerifyWrapper("cpu").plan(torch.tensor([0, 4, 8], dtype=torch.int32), cpu_table([40, 3]), 8, 2, 64)
+        VerifyWrapper("cpu").plan(torch.tensor([0, 4, 8], dtype=torch.int32), cpu_block_table([40, 3]), 8, 2, 64)
 
 
 def test_plan_rejects_half_a_tree_and_short_segments():
     qo = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="tree_mask, tree_mask_indptr: expected both or neither"):
-        VerifyWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, tree_mask=torch.zeros(4, dtype=torch.uint8))
+        VerifyWrapper("cpu").plan(qo, cpu_block_table([40, 50]), 8, 2, 64, tree_mask=torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="tree_mask_indptr: expected byte offsets giving each request its packed"):
-        VerifyWrapper("cpu").plan(qo, cpu_table([40, 50]), 8, 2, 64, tree_mask=torch.zeros(4, dtype=torch.uint8),
+        VerifyWrapper("cpu").plan(qo, cpu_block_table([40, 50]), 8, 2, 64, tree_mask=torch.zeros(4, dtype=torch.uint8),
                                   tree_mask_indptr=torch.tensor([0, 1, 2], dtype=torch.int32))
 
 
