@@ -9,7 +9,6 @@ measured in the same run. Writes decode.json (benchmarks/results format) and dec
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -17,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt, graph_us, median_us, plot_speedups, read_ceiling_gbps, write_results  # noqa: E402
+from common import (anchor_parser, flashinfer_wanted, fmt, graph_us, median_us, plot_speedups,  # noqa: E402
+                    read_ceiling_gbps, write_results)
 
 from pagedinfer import csr_page_table  # noqa: E402
 from pagedinfer.decode import DecodeWrapper  # noqa: E402
@@ -81,16 +81,11 @@ def compile_times(name: str) -> tuple[float, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = anchor_parser()
     parser.add_argument("--quick", action="store_true", help="first two cases of each shape only")
-    parser.add_argument("--skip-anchor", action="store_true", help="time pagedinfer alone")
     parser.add_argument("--shapes", default="", help="comma-separated BxL filter, e.g. 64x8192,1x2048")
     args = parser.parse_args()
-    try:
-        import flashinfer  # noqa: F401
-        have_fi = not args.skip_anchor
-    except ImportError:
-        have_fi = False
+    have_fi = flashinfer_wanted(args)
     ceiling = read_ceiling_gbps()
     workspace = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     records, rows = [], []

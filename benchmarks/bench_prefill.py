@@ -6,7 +6,6 @@ TFLOP/s counts only unmasked work. Writes prefill.json (benchmarks/results forma
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import PAGE, make_inputs  # noqa: E402
-from common import fmt, median_us, plot_speedups, write_results  # noqa: E402
+from common import anchor_parser, flashinfer_wanted, fmt, median_us, plot_speedups, write_results  # noqa: E402
 
 from pagedinfer import csr_page_table  # noqa: E402
 from pagedinfer.prefill import PrefillWrapper  # noqa: E402
@@ -31,14 +30,9 @@ def causal_flops(batch, hq, d, qo, prefix):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-anchor", action="store_true", help="no FlashInfer")
-    args = parser.parse_args()
-    try:
+    have_fi = flashinfer_wanted(anchor_parser().parse_args())
+    if have_fi:
         import flashinfer
-        have_fi = not args.skip_anchor
-    except ImportError:
-        have_fi = False
     workspace = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     records, rows = [], []
     for (hq, hk, d), sizes in CASES:

@@ -7,14 +7,14 @@ Writes verify.json (benchmarks/results format) and verify.png to $OUT.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt, median_us, plot_speedups, read_ceiling_gbps, write_results  # noqa: E402
+from common import (anchor_parser, flashinfer_wanted, fmt, median_us, plot_speedups,  # noqa: E402
+                    read_ceiling_gbps, write_results)
 
 from bench_decode import PAGE, make_inputs  # noqa: E402
 from pagedinfer import csr_page_table, pack_masks  # noqa: E402
@@ -68,14 +68,7 @@ def time_flashinfer(hq, hk, d, batch, drafts, kv_len, kv, ids, indptr, last, q, 
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-anchor", action="store_true", help="time pagedinfer alone")
-    args = parser.parse_args()
-    try:
-        import flashinfer  # noqa: F401
-        have_fi = not args.skip_anchor
-    except ImportError:
-        have_fi = False
+    have_fi = flashinfer_wanted(anchor_parser().parse_args())
     ceiling = read_ceiling_gbps()
     workspace = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     records, rows = [], []

@@ -1,6 +1,7 @@
 """Shared pieces of the kernel benchmarks: the streaming-read ceiling, timers, the results file, the plot."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -31,6 +32,22 @@ def graph_us(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
     return median_us(graph.replay) / calls
+
+
+def anchor_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every kernel benchmark takes; `flashinfer_wanted(args)` reads them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--skip-anchor", action="store_true", help="time pagedinfer alone (no FlashInfer)")
+    return parser
+
+
+def flashinfer_wanted(args) -> bool:
+    """FlashInfer runs as the anchor when it is installed and not skipped."""
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return not args.skip_anchor
 
 
 def read_ceiling_gbps() -> float:

@@ -2,9 +2,23 @@
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from pagedinfer.paged import block_page_table, csr_page_table
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = [64, 80, 96, 128, 256]
+PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
+
+
+def spec_pool(size, seed):
+    """Kernel specialisations a fuzz draws from, (dtype, head dim, group, page size, soft cap): every group,
+    head dim, page size, dtype and soft-cap flag appears, while the number of distinct compilations stays
+    bounded."""
+    rng = np.random.default_rng(seed)
+    return [("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7], bool(rng.random() < 0.3))
+            for i in range(size)]
 
 
 def build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device):
@@ -59,7 +73,6 @@ def assert_matches(out, lse, ref_out, ref_lse, dtype):
 def fuzz(count, seed, pool, make_case, run_case, check, describe):
     """Runs `count` cases drawn from a pool of kernel specialisations; returns a line per failure (every case
     runs, so a report shows the pattern, not just the first miss)."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     failures = []
     for i in range(count):
@@ -88,3 +101,15 @@ def cpu_block_table(lens, page_size=16, width=8):
     """A CPU block table (all pages 0) for validation tests that never reach a kernel."""
     return block_page_table(torch.zeros(len(lens), width, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
                             page_size)
+
+
+def tree_mask(parents):
+    """[n, n] bool tree mask: draft j attends draft i when i is j or an ancestor of j (parents[j] < j, or -1)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for j in range(n):
+        i = j
+        while i >= 0:
+            mask[j, i] = True
+            i = parents[i]
+    return mask

@@ -10,29 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from paged_cases import assert_matches, build_paged, fuzz, random_queries
+from paged_cases import DTYPES, assert_matches, build_paged, fuzz, random_queries, spec_pool
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode, kernel_name
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-HEAD_DIMS = [64, 80, 96, 128, 256]
-PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
-
 
 # ------------------------------------------------------------------------------ building cases
-
-def spec_pool(size=96, seed=1234):
-    """Kernel specialisations the fuzz draws from: every group, head dim, page size, dtype and soft-cap
-    flag appears, while the number of distinct compilations stays bounded."""
-    rng = np.random.default_rng(seed)
-    pool = []
-    for i in range(size):
-        pool.append(("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7],
-                     bool(rng.random() < 0.3)))
-    return pool
-
 
 def random_lengths(rng, batch, page_size):
     choices = []
@@ -142,13 +127,13 @@ def test_one_shot_decode_on_cpu_is_the_reference():
 @pytest.fixture(scope="module")
 def warm_kernels():
     """Compiles the fuzz's specialisations on every core before the sweep."""
-    specs = [("decode.cu", kernel_name(*s)) for s in spec_pool()] + SPECIALIZATIONS
+    specs = [("decode.cu", kernel_name(*s)) for s in spec_pool(96, 1234)] + SPECIALIZATIONS
     kernels.precompile(specs, kernels.device_arch())
 
 
 @pytest.mark.gpu
 def test_fuzz_500_cases_match_reference(warm_kernels):
-    failures = fuzz(500, 2026, spec_pool(), make_case, run_case, check_against_reference,
+    failures = fuzz(500, 2026, spec_pool(96, 1234), make_case, run_case, check_against_reference,
                     lambda c: f"lens={c['table'].kv_lens().tolist()[:6]} layout={c['layout']} {c['options']}")
     assert not failures, f"{len(failures)} of 500 cases failed:\n" + "\n".join(failures[:20])
 

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from paged_cases import assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged
+from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged,
+                         spec_pool)
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK, kernel_name
@@ -14,9 +15,6 @@ from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 from pagedinfer.prefill import PrefillWrapper, prefill
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-HEAD_DIMS = [64, 80, 96, 128, 256]
-PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
 MASKS = ["causal", "none", "custom"]
 
 
@@ -102,22 +100,16 @@ def test_one_shot_prefill_on_cpu_is_the_reference():
 
 # ------------------------------------------------------------------------------ GPU
 
-def spec_pool(size=48, seed=91):
-    rng = np.random.default_rng(seed)
-    return [("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7], bool(rng.random() < 0.3))
-            for i in range(size)]
-
-
 @pytest.fixture(scope="module")
 def warm_kernels():
     specs = [("decode.cu", kernel_name(dtype, d, g, p, cap, 4, mask, True))
-             for dtype, d, g, p, cap in spec_pool() for mask in (NO_MASK, CAUSAL, CUSTOM)]
+             for dtype, d, g, p, cap in spec_pool(48, 91) for mask in (NO_MASK, CAUSAL, CUSTOM)]
     kernels.precompile(specs, kernels.device_arch())
 
 
 @pytest.mark.gpu
 def test_fuzz_300_cases_match_reference(warm_kernels):
-    failures = fuzz(300, 777, spec_pool(), make_case, run_case, check_against_reference,
+    failures = fuzz(300, 777, spec_pool(48, 91), make_case, run_case, check_against_reference,
                     lambda c: f"qo={torch.diff(c['qo_indptr']).tolist()} kv={c['table'].kv_lens().tolist()} "
                               f"masks={list(c['masks'])} {c['layout']} {c['options']}")
     assert not failures, f"{len(failures)} of 300 cases failed:\n" + "\n".join(failures[:20])

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from paged_cases import tree_mask
 
 from pagedinfer import reference as R
 from pagedinfer.masks import pack_masks
@@ -310,15 +311,8 @@ def test_prefill_window_is_a_left_bound_only():
 # ----------------------------------------------------------------------------------------------
 
 def random_tree(gen, n):
-    """[n, n] bool: draft j attends draft i when i is j or an ancestor of j (parents come earlier)."""
-    parent = [-1] + [int(torch.randint(-1, j, (1,), generator=gen)) for j in range(1, n)]
-    tree = torch.zeros(n, n, dtype=torch.bool)
-    for j in range(n):
-        i = j
-        while i >= 0:
-            tree[j, i] = True
-            i = parent[i]
-    return tree
+    """A random forest of drafts: each draft hangs under an earlier one or starts a new root."""
+    return tree_mask([-1] + [int(torch.randint(-1, j, (1,), generator=gen)) for j in range(1, n)])
 
 
 VERIFY_GRID = list(itertools.product(GROUPS, ("causal", "tree"), PAGE_SIZES))

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from paged_cases import assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged
+from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged,
+                         spec_pool, tree_mask)
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, TREE, kernel_name, row_tiles
@@ -14,21 +15,10 @@ from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 from pagedinfer.verify import VerifyWrapper, verify
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-HEAD_DIMS = [64, 80, 96, 128, 256]
-PAGE_SIZES = [1, 8, 16, 32, 64, 128, 256]
-
 
 def random_tree(rng, n):
-    """EAGLE-style token tree: each draft hangs under an earlier one; a draft sees its ancestors and itself."""
-    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for j in range(n):
-        i = j
-        while i >= 0:
-            mask[j, i] = True
-            i = parent[i]
-    return mask
+    """EAGLE-style token tree: each draft hangs under an earlier one."""
+    return tree_mask([-1] + [int(rng.integers(0, i)) for i in range(1, n)])
 
 
 def make_case(rng, spec, device="cuda", qo_lens=None, tree=None):
@@ -123,25 +113,19 @@ def test_one_shot_verify_on_cpu_is_the_reference():
 
 # ------------------------------------------------------------------------------ GPU
 
-def spec_pool(size=64, seed=77):
-    rng = np.random.default_rng(seed)
-    return [("bf16" if i % 2 else "fp16", HEAD_DIMS[i % 5], 1 + i % 16, PAGE_SIZES[i % 7], bool(rng.random() < 0.3))
-            for i in range(size)]
-
-
 @pytest.fixture(scope="module")
 def warm_kernels():
     specs = []
-    for dtype, d, g, p, cap in spec_pool():
+    for dtype, d, g, p, cap in spec_pool(64, 77):
         for n in (4, 16):  # the row tiling of short and long draft runs
             for mask in (CAUSAL, TREE):
-                specs.append(("decode.cu", kernel_name(dtype, d, g, p, cap, row_tiles(n * g), mask)))
+                specs.append(("decode.cu", kernel_name(dtype, d, g, p, cap, row_tiles(n * g), mask, n * g > 8)))
     kernels.precompile(specs, kernels.device_arch())
 
 
 @pytest.mark.gpu
 def test_fuzz_300_cases_match_reference(warm_kernels):
-    failures = fuzz(300, 4242, spec_pool(), make_case, run_case, check_against_reference,
+    failures = fuzz(300, 4242, spec_pool(64, 77), make_case, run_case, check_against_reference,
                     lambda c: f"qo={torch.diff(c['qo_indptr']).tolist()} kv={c['table'].kv_lens().tolist()[:6]} "
                               f"tree={bool(c['masks'])} {c['layout']} {c['options']}")
     assert not failures, f"{len(failures)} of 300 cases failed:\n" + "\n".join(failures[:20])
