@@ -237,6 +237,7 @@ class Kernel:
         self.device_index = device_index
         self._smem_limit = 0  # dynamic shared memory opted in so far (static + dynamic > 48 KB needs it)
         self._streams = {}
+        self._occupancy = {}
 
     def _stream(self, torch_stream):
         ptr = torch_stream.cuda_stream
@@ -258,12 +259,17 @@ class Kernel:
             self._smem_limit = shared_mem
 
     def max_active_blocks(self, threads: int, shared_mem: int) -> int:
-        """CTAs of this kernel that fit on one multiprocessor at once (registers and shared memory)."""
-        import cupy
-        from cupy_backends.cuda.api import driver
-        with cupy.cuda.Device(self.device_index):
-            self._allow_shared_memory(shared_mem)
-            return driver.occupancyMaxActiveBlocksPerMultiprocessor(self._function.ptr, threads, shared_mem)
+        """CTAs of this kernel that fit on one multiprocessor at once (registers and shared memory); asked
+        once per launch shape, since plan() wants it every step."""
+        key = (threads, shared_mem)
+        if key not in self._occupancy:
+            import cupy
+            from cupy_backends.cuda.api import driver
+            with cupy.cuda.Device(self.device_index):
+                self._allow_shared_memory(shared_mem)
+                self._occupancy[key] = driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    self._function.ptr, threads, shared_mem)
+        return self._occupancy[key]
 
     def launch(self, grid, block, args, shared_mem: int = 0) -> None:
         """args: tensors (passed as pointers) and numpy scalars (passed by value, their own C type)."""
