@@ -20,17 +20,17 @@ def tests(session):
     session.run("pytest", "-ra", *session.posargs)
 
 
-def _engine_session(session, requirement: str) -> None:
+def _engine_session(session, requirement: str, engine: str) -> None:
     session.install(requirement, "pytest")
     session.install("--no-deps", "-e", ".")  # the engine brings torch and numpy
-    session.run("pytest", "-ra", "tests/test_registration.py", *session.posargs)
+    session.run("pytest", "-ra", "tests/test_registration.py", f"tests/test_adapter_{engine}.py", *session.posargs)
 
 
 @nox.session
 def vllm(session):
-    _engine_session(session, "vllm==0.26.0")
+    _engine_session(session, "vllm==0.26.0", "vllm")
 
 
 @nox.session
 def sglang(session):
-    _engine_session(session, "sglang==0.5.16")
+    _engine_session(session, "sglang==0.5.16", "sglang")
