@@ -13,6 +13,7 @@ _EXPORTS = {
     "append_kv": "cache", "csr_from_block_table": "cache",
     "pack_masks": "masks", "unpack_mask": "masks",
     "DecodeWrapper": "decode", "VerifyWrapper": "verify", "PrefillWrapper": "prefill",
+    "RaggedPrefillWrapper": "prefill",
 }
 __all__ = sorted(_EXPORTS)
 

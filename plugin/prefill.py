@@ -2,6 +2,10 @@
 request's cached prefix followed by the new tokens' own K/V (chunked prefill and prefix caching are the
 same case: query token i of a request sits at position kv_len - qo_len + i).
 
+`RaggedPrefillWrapper` / `prefill_ragged` take K/V that are not in pages: request i's keys are rows
+kv_indptr[i]:kv_indptr[i+1] of contiguous `k` and `v` [tokens, kv_heads, head_dim] (e.g. the new tokens of
+a prompt with no cached prefix, before they are written to the cache).
+
 Masks: causal (aligned to the end of each request's KV), none, or a packed custom mask per request:
 bit i * kv_len + j set when query token i may attend key j, little bit order, each request's segment
 starting on a byte at mask_indptr[i] (`pagedinfer.pack_masks` of [qo_len, kv_len] bool masks). Sliding
@@ -15,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .decode import CAUSAL, CUSTOM, NO_MASK, DecodeWrapper
-from .validate import fail
+from .paged import csr_page_table
+from .validate import check_shape, check_tensor, fail
 
 MAX_QO_LEN = 32768
 
@@ -66,3 +71,49 @@ def prefill(q, qo_indptr, kv_cache, table, *, causal=False, custom_mask=None, ma
                  mask_indptr=mask_indptr, q_dtype=q.dtype, kv_dtype=cache.dtype, sm_scale=sm_scale,
                  logits_soft_cap=logits_soft_cap, window_left=window_left)
     return wrapper.run(q, cache, return_lse=return_lse)
+
+
+class RaggedPrefillWrapper:
+    """Prefill over contiguous K/V. The rows are read as a paged cache of one-token pages whose page ids are
+    the row numbers, so the paged kernel and its planning serve this case unchanged."""
+
+    def __init__(self, device="cuda"):
+        self._paged = PrefillWrapper(device)
+
+    def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
+             head_dim: int, **options) -> None:
+        """`options` as for PrefillWrapper.plan (causal, custom_mask + mask_indptr, dtypes, sm_scale,
+        logits_soft_cap, window_left)."""
+        check_tensor("kv_indptr", kv_indptr, ndim=1, dtypes=(torch.int32,))
+        check_shape("kv_indptr", kv_indptr, (qo_indptr.shape[0],))
+        offsets = kv_indptr.cpu()
+        lens = offsets[1:] - offsets[:-1]
+        if int(offsets[0]) != 0 or bool((lens < 1).any()):
+            fail("kv_indptr", "offsets from 0 with at least one key per request", offsets.tolist()[:8])
+        table = csr_page_table(offsets, torch.arange(int(offsets[-1]), dtype=torch.int32),
+                               torch.ones_like(lens), page_size=1)
+        self._paged.plan(qo_indptr, table, num_qo_heads, num_kv_heads, head_dim, kv_lens_host=lens,
+                         indptr_host=offsets, **options)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
+            return_lse: bool = False):
+        """q [qo_indptr[-1], num_qo_heads, head_dim]; k, v [kv_indptr[-1] (or more), num_kv_heads, head_dim]."""
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=3)
+        return self._paged.run(q, (k.unsqueeze(1), v.unsqueeze(1)), out=out, return_lse=return_lse)
+
+
+def prefill_ragged(q, qo_indptr, k, v, kv_indptr, *, causal=False, custom_mask=None, mask_indptr=None,
+                   sm_scale=None, logits_soft_cap=None, window_left: int = -1, return_lse: bool = False):
+    """One-shot prefill over contiguous K/V (plan + run). CPU tensors go through the PyTorch reference."""
+    if q.device.type == "cpu":
+        from . import reference
+        out, lse = reference.prefill_ragged(q, qo_indptr, k, v, kv_indptr, causal=causal, packed_mask=custom_mask,
+                                            mask_indptr=mask_indptr, sm_scale=sm_scale,
+                                            logits_soft_cap=logits_soft_cap or 0.0, window_left=window_left)
+        return (out, lse) if return_lse else out
+    wrapper = RaggedPrefillWrapper(q.device)
+    wrapper.plan(qo_indptr, kv_indptr, q.shape[1], k.shape[1], q.shape[2], causal=causal, custom_mask=custom_mask,
+                 mask_indptr=mask_indptr, q_dtype=q.dtype, kv_dtype=k.dtype, sm_scale=sm_scale,
+                 logits_soft_cap=logits_soft_cap, window_left=window_left)
+    return wrapper.run(q, k, v, return_lse=return_lse)

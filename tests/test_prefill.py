@@ -13,7 +13,7 @@ from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK, kernel_name
 from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
-from pagedinfer.prefill import PrefillWrapper, prefill
+from pagedinfer.prefill import PrefillWrapper, RaggedPrefillWrapper, prefill, prefill_ragged
 
 MASKS = ["causal", "none", "custom"]
 
@@ -98,12 +98,58 @@ def test_one_shot_prefill_on_cpu_is_the_reference():
     check_against_reference(case, out, lse)
 
 
+def make_ragged_case(rng, spec, device="cuda"):
+    """Contiguous K/V per request (kv_indptr), queries at the end of each request's keys, a random mask."""
+    dtype_name, head_dim, group, _, soft_cap = spec
+    dtype, kv_heads = DTYPES[dtype_name], int(rng.choice([1, 2, 3]))
+    qo_lens = [int(rng.integers(1, 300)) for _ in range(int(rng.choice([1, 2, 4])))]
+    kv_lens = [n + (int(rng.integers(0, 700)) if rng.random() < 0.5 else 0) for n in qo_lens]
+    mask = str(rng.choice(MASKS))
+    masks = dict(causal=mask == "causal")
+    if mask == "custom":
+        packed, mask_indptr = pack_masks([torch.from_numpy(rng.random((n, k)) < 0.7) for n, k in zip(qo_lens, kv_lens)])
+        masks = dict(custom_mask=packed.to(device), mask_indptr=mask_indptr.to(device))
+    indptr = lambda lens: torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)  # noqa: E731
+    total = sum(kv_lens)
+    return dict(q=random_queries(rng, sum(qo_lens), kv_heads * group, kv_heads, head_dim, dtype, device),
+                k=torch.randn(total, kv_heads, head_dim, dtype=dtype, device=device),
+                v=torch.randn(total, kv_heads, head_dim, dtype=dtype, device=device),
+                qo_indptr=indptr(qo_lens), kv_indptr=indptr(kv_lens), masks=masks, dtype=dtype,
+                options=dict(sm_scale=None, logits_soft_cap=float(rng.uniform(5, 50)) if soft_cap else None,
+                             window_left=int(rng.integers(0, 500)) if rng.random() < 0.2 else -1))
+
+
+def check_ragged(case, out, lse):
+    masks = case["masks"]
+    ref_out, ref_lse = reference.prefill_ragged(
+        case["q"], case["qo_indptr"], case["k"], case["v"], case["kv_indptr"], causal=masks.get("causal", False),
+        packed_mask=masks.get("custom_mask"), mask_indptr=masks.get("mask_indptr"),
+        sm_scale=case["options"]["sm_scale"], logits_soft_cap=case["options"]["logits_soft_cap"] or 0.0,
+        window_left=case["options"]["window_left"])
+    assert_matches(out, lse, ref_out, ref_lse, case["dtype"])
+
+
+def test_one_shot_ragged_prefill_on_cpu_is_the_reference():
+    case = make_ragged_case(np.random.default_rng(4), ("bf16", 64, 3, 1, True), device="cpu")
+    out, lse = prefill_ragged(case["q"], case["qo_indptr"], case["k"], case["v"], case["kv_indptr"],
+                              return_lse=True, **case["masks"], **case["options"])
+    check_ragged(case, out, lse)
+
+
+def test_ragged_plan_rejects_bad_kv_indptr():
+    qo = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_indptr: expected offsets from 0 with at least one key"):
+        RaggedPrefillWrapper("cpu").plan(qo, torch.tensor([0, 10, 10], dtype=torch.int32), 8, 2, 64)
+    with pytest.raises(ValueError, match="kv_indptr"):
+        RaggedPrefillWrapper("cpu").plan(qo, torch.tensor([0, 10], dtype=torch.int32), 8, 2, 64)
+
+
 # ------------------------------------------------------------------------------ GPU
 
 @pytest.fixture(scope="module")
 def warm_kernels():
-    specs = [("decode.cu", kernel_name(dtype, d, g, p, cap, 4, mask, True))
-             for dtype, d, g, p, cap in spec_pool(48, 91) for mask in (NO_MASK, CAUSAL, CUSTOM)]
+    specs = {("decode.cu", kernel_name(dtype, d, g, page, cap, 4, mask, True))  # page 1: the ragged-KV cases
+             for dtype, d, g, p, cap in spec_pool(48, 91) for page in (p, 1) for mask in (NO_MASK, CAUSAL, CUSTOM)}
     kernels.precompile(specs, kernels.device_arch())
 
 
@@ -160,6 +206,23 @@ def test_cuda_graph_replay_after_a_new_plan():
     check_against_reference(second, out, graph_lse)
 
 
+def run_ragged_case(case):
+    wrapper = RaggedPrefillWrapper("cuda")
+    wrapper.plan(case["qo_indptr"], case["kv_indptr"], case["q"].shape[1], case["k"].shape[1], case["k"].shape[2],
+                 q_dtype=case["dtype"], **case["masks"], **case["options"])
+    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device="cuda")
+    _, lse = wrapper.run(case["q"], case["k"], case["v"], out=out, return_lse=True)
+    return out, lse
+
+
+@pytest.mark.gpu
+def test_ragged_kv_fuzz_100_cases_match_reference(warm_kernels):
+    failures = fuzz(100, 21, spec_pool(48, 91), make_ragged_case, run_ragged_case, check_ragged,
+                    lambda c: f"qo={torch.diff(c['qo_indptr']).tolist()} kv={torch.diff(c['kv_indptr']).tolist()} "
+                              f"masks={list(c['masks'])} {c['options']}")
+    assert not failures, f"{len(failures)} of 100 cases failed:\n" + "\n".join(failures[:20])
+
+
 @pytest.mark.gpu
 def test_sanitizer_sweep_prefill():
     """A representative sweep, small enough to run under compute-sanitizer (memcheck and racecheck)."""
@@ -168,3 +231,5 @@ def test_sanitizer_sweep_prefill():
         for mask in MASKS:
             case = make_case(rng, spec, qo_lens=[70, 3], prefixes=[100, 0], mask=mask)
             check_against_reference(case, *run_case(case))
+    case = make_ragged_case(rng, ("bf16", 128, 4, 1, False))
+    check_ragged(case, *run_ragged_case(case))
