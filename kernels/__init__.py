@@ -10,7 +10,8 @@ template arguments) plus optional `-D` defines; each (source, expression, define
 Disk cache: `$PAGEDINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/pagedinfer`, else `~/.cache/pagedinfer`;
 one directory per user created 0700. An entry is named by a hash of the sources, options, name expression,
 architecture, NVRTC and library versions; it is written to a temporary file and renamed into place, so
-processes compiling at once never read half a file. An entry (or directory) not owned by the user, or
+processes compiling at once never read half a file. Its header names what it holds (source, name expression,
+architecture, defines), which `pagedinfer info` lists. An entry (or directory) not owned by the user, or
 writable by group/others, is ignored and the kernel is rebuilt in memory: the cache is executable code.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-_ENTRY_MAGIC = b"PAGEDINFER-CUBIN-1\n"
+# An entry: this line, the lowered name, its description (`describe`), then the cubin image.
+_ENTRY_MAGIC = b"PAGEDINFER-CUBIN-2\n"
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 log = logging.getLogger("pagedinfer")
@@ -73,6 +75,13 @@ def _nvrtc():
     return nvrtc
 
 
+def describe(source: str, name_expression: str, arch: str, defines: dict | None = None) -> str:
+    """One line naming a specialisation: `decode.cu [decode<...>] for sm_90a -DX=1`."""
+    text = f"{source} [{name_expression}] for {arch}"
+    text += "".join(f" -D{k}={v}" for k, v in sorted((defines or {}).items()))
+    return text.replace("\n", " ")  # one line: the entry header is line-delimited
+
+
 def _format_compile_error(log_text: str, source: str, text: str, headers: dict[str, str], what: str) -> str:
     files = {source: text, **headers}
     lines = [f"NVRTC failed to compile {what}", log_text.rstrip(), ""]
@@ -95,7 +104,7 @@ def compile_cubin(source: str, name_expression: str, arch: str, defines: dict | 
     """Compiles one specialisation to a cubin. Needs no GPU, only NVRTC."""
     nvrtc = _nvrtc()
     text, headers = _read_sources(source)
-    what = f"{source} [{name_expression}] for {arch}"
+    what = describe(source, name_expression, arch, defines)
     prog = nvrtc.createProgram(text, source, [h.encode() for h in headers.values()],
                                [n.encode() for n in headers])
     try:
@@ -149,7 +158,9 @@ def cache_key(source: str, name_expression: str, arch: str, defines: dict | None
     return h.hexdigest()[:40]
 
 
-def _read_entry(path: Path) -> Cubin | None:
+def _read_private(path: Path, size: int = -1) -> bytes | None:
+    """The first `size` bytes of a cache file (all with -1); None when it is missing, a link, or not
+    private to this user."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -158,18 +169,43 @@ def _read_entry(path: Path) -> Cubin | None:
         if not _owned_and_private(os.fstat(f.fileno())):
             log.warning("pagedinfer: ignoring cache entry %s (not owned by this user or writable by others)", path)
             return None
-        data = f.read()
-    if not data.startswith(_ENTRY_MAGIC):
-        return None
-    name, sep, image = data[len(_ENTRY_MAGIC):].partition(b"\n")
-    return Cubin(image, name.decode()) if sep and image else None
+        return f.read(size)
 
 
-def _write_entry(path: Path, cubin: Cubin) -> None:
+def _entry_fields(data: bytes | None) -> list[bytes]:
+    """[lowered name, description, image] of an entry in the current format, else []."""
+    if data is None or not data.startswith(_ENTRY_MAGIC):
+        return []
+    fields = data[len(_ENTRY_MAGIC):].split(b"\n", 2)
+    return fields if len(fields) == 3 and fields[2] else []
+
+
+def _read_entry(path: Path) -> Cubin | None:
+    fields = _entry_fields(_read_private(path))
+    return Cubin(fields[2], fields[0].decode()) if fields else None
+
+
+def cached_kernels() -> tuple[list[str], int]:
+    """The descriptions of the entries in the disk cache that this library would load, sorted, and the
+    number of other entries (older format, corrupt, or not private to this user: rebuilt on use)."""
+    directory = cache_dir()
+    paths = sorted(directory.glob("*.cubin")) if directory.is_dir() else []
+    if paths and not _owned_and_private(os.stat(directory)):  # the loader does not use such a directory
+        return [], len(paths)
+    names = []
+    for path in paths:
+        fields = _entry_fields(_read_private(path, 4096))  # the header is a few hundred bytes
+        if fields:
+            names.append(fields[1].decode(errors="replace"))
+    return sorted(names), len(paths) - len(names)
+
+
+def _write_entry(path: Path, cubin: Cubin, description: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_ENTRY_MAGIC + cubin.lowered_name.encode() + b"\n" + cubin.image)
+            f.write(_ENTRY_MAGIC + cubin.lowered_name.encode() + b"\n" + description.encode() + b"\n"
+                    + cubin.image)
         os.replace(tmp, path)
     except OSError as e:
         log.warning("pagedinfer: could not write cache entry %s (%s)", path, e)
@@ -183,17 +219,17 @@ def cached_cubin(source: str, name_expression: str, arch: str, defines: dict | N
     """The cubin from the disk cache, compiling (and storing) it on a miss."""
     directory = _usable_cache_dir()
     path = directory / f"{cache_key(source, name_expression, arch, defines)}.cubin" if directory else None
+    what = describe(source, name_expression, arch, defines)
     if path is not None:
         hit = _read_entry(path)
         if hit is not None:
-            log.debug("pagedinfer: loaded %s [%s] for %s from %s", source, name_expression, arch, path)
+            log.debug("pagedinfer: loaded %s from %s", what, path)
             return hit
     t0 = time.perf_counter()
     cubin = compile_cubin(source, name_expression, arch, defines)
-    log.info("pagedinfer: compiled %s [%s] for %s in %.2f s", source, name_expression, arch,
-             time.perf_counter() - t0)
+    log.info("pagedinfer: compiled %s in %.2f s", what, time.perf_counter() - t0)
     if path is not None:
-        _write_entry(path, cubin)
+        _write_entry(path, cubin, what)
     return cubin
 
 

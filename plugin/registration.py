@@ -9,17 +9,17 @@ import logging
 log = logging.getLogger("pagedinfer")
 
 
-def _register_adapter(module: str) -> None:
-    # The adapter module owns its engine's registration; an engine without its adapter yet has nothing to do.
-    if importlib.util.find_spec(module) is None:
-        log.debug("pagedinfer: %s is not part of this version; nothing to register", module)
+def _register_adapter(engine: str) -> None:
+    # The adapter module owns its engine's registration and imports the engine: without it, nothing to do.
+    if importlib.util.find_spec(engine) is None:
+        log.debug("pagedinfer: %s is not installed; nothing to register", engine)
         return
-    importlib.import_module(module).register()
+    importlib.import_module(f"pagedinfer.adapters.{engine}").register()
 
 
 def register_vllm() -> None:
-    _register_adapter("pagedinfer.adapters.vllm")
+    _register_adapter("vllm")
 
 
 def register_sglang() -> None:
-    _register_adapter("pagedinfer.adapters.sglang")
+    _register_adapter("sglang")
