@@ -199,7 +199,7 @@ class DecodeWrapper:
             units = self.max_batch_size * -(-self.max_qo_len * group // block)
             capacity = planning.max_items(units, num_kv_heads, target)
             need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
-                        mask=self.max_batch_size * self.max_qo_len * self.max_qo_len // 8 + 16)
+                        mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 16)  # byte-aligned segments
         else:
             capacity = work.num_items
             need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
