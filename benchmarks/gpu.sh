@@ -3,6 +3,7 @@
 # GPU tests, then any benchmark scripts named as arguments. Logs and JSON go to $OUT.
 #   bash benchmarks/gpu.sh                         # GPU tests only
 #   bash benchmarks/gpu.sh benchmarks/bench_x.py   # GPU tests, then a benchmark
+#   SKIP_TESTS=1 bash benchmarks/gpu.sh ...       # benchmarks only
 set -uo pipefail
 OUT=${OUT:-/tmp/pagedinfer-out}
 mkdir -p "$OUT"
@@ -14,9 +15,11 @@ if [ -d .whl ]; then  # carried wheels (FlashInfer for the benchmarks): installe
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 status=0
-python3 -m pytest -m gpu -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:-} >"$OUT/gpu-tests.log" 2>&1 || status=1
-grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -5
-[ $status -eq 0 ] || grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -20
+if [ -z "${SKIP_TESTS:-}" ]; then
+  python3 -m pytest -m gpu -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:-} >"$OUT/gpu-tests.log" 2>&1 || status=1
+  grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -5
+  [ $status -eq 0 ] || grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -20
+fi
 if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer over the named tests, e.g. SANITIZE="-k sanitizer_sweep"
   for tool in memcheck racecheck; do
     timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
