@@ -16,7 +16,7 @@ nox.options.error_on_missing_interpreters = True
 @nox.session
 def tests(session):
     session.install(os.environ.get("PAGEDINFER_TORCH", "torch"))
-    session.install("-e", ".[test,cu13]")
+    session.install("-e", ".[test,cu13,demo]")
     session.run("pytest", "-ra", *session.posargs)
 
 
