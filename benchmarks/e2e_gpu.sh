@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call of the E2E plan for an engine on the air-gapped GPU host. Carry one bundle piece per call
+# (.bundle/<engine>/NN, see bundle_install.sh); once the bundle is complete the same call installs it, runs
+# the adapter's GPU tests once, then `benchmarks/e2e.py` for the seconds left. Repeat the call (no piece
+# needed) while it exits 2 (pieces missing) or 3 (plan not finished); the machine must stay warm between.
+#   bash benchmarks/e2e_gpu.sh vllm|sglang [E2E_BUDGET_S]
+set -uo pipefail
+engine=$1
+budget=${2:-480}
+line=$(bash benchmarks/bundle_install.sh "$engine") || exit $?
+eval "$line"
+export PAGEDINFER_CACHE_DIR=${PAGEDINFER_CACHE_DIR:-/tmp/pagedinfer-cache}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+if [ ! -f "/tmp/adapter-tests-$engine.done" ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider "tests/test_adapter_$engine.py" 2>&1 | tail -15
+  touch "/tmp/adapter-tests-$engine.done"
+fi
+python3 benchmarks/e2e.py --engine "$engine" --state "/tmp/e2e-$engine" --budget "$budget"
