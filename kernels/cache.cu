@@ -6,7 +6,7 @@
 // Strides are in bytes so that one kernel serves NHD, HND and any strided view.
 template <typename Slot, int VEC>
 __global__ void append_kv(const char* __restrict__ k_new, const char* __restrict__ v_new,
-                          i64 new_token_stride, i64 new_head_stride,
+                          i64 k_token_stride, i64 k_head_stride, i64 v_token_stride, i64 v_head_stride,
                           char* __restrict__ k_cache, char* __restrict__ v_cache,
                           i64 page_stride, i64 token_stride, i64 head_stride,
                           const Slot* __restrict__ slots, int num_tokens, int heads, int row_bytes,
@@ -20,11 +20,12 @@ __global__ void append_kv(const char* __restrict__ k_new, const char* __restrict
     const int token = (int)(i / ((i64)pieces * heads));
     const i64 slot = (i64)slots[token];
     if (slot < 0) continue;
-    const i64 src = token * new_token_stride + head * new_head_stride + (i64)piece * VEC;
+    const i64 k_src = token * k_token_stride + head * k_head_stride + (i64)piece * VEC;
+    const i64 v_src = token * v_token_stride + head * v_head_stride + (i64)piece * VEC;
     const i64 dst = (slot / page_size) * page_stride + (slot % page_size) * token_stride +
                     head * head_stride + (i64)piece * VEC;
-    *reinterpret_cast<Piece*>(k_cache + dst) = *reinterpret_cast<const Piece*>(k_new + src);
-    *reinterpret_cast<Piece*>(v_cache + dst) = *reinterpret_cast<const Piece*>(v_new + src);
+    *reinterpret_cast<Piece*>(k_cache + dst) = *reinterpret_cast<const Piece*>(k_new + k_src);
+    *reinterpret_cast<Piece*>(v_cache + dst) = *reinterpret_cast<const Piece*>(v_new + v_src);
   }
 }
 

@@ -42,8 +42,8 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, kv_cache, slot_mapping: 
         check_shape(name, t, (None, cache.kv_heads, cache.head_dim))
         if t.stride(2) != 1:
             fail(name, "head_dim contiguous (stride 1)", f"strides {t.stride()}")
-    if k_new.shape != v_new.shape or k_new.stride() != v_new.stride():
-        fail("v_new", f"the shape and strides of k_new {list(k_new.shape)}", f"{list(v_new.shape)}")
+    if k_new.shape != v_new.shape:  # strides may differ: engines hand in views of a fused qkv projection
+        fail("v_new", f"the shape of k_new {list(k_new.shape)}", f"{list(v_new.shape)}")
     check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int32, torch.int64), device=cache.device)
     check_shape("slot_mapping", slot_mapping, (k_new.shape[0],))
     if slot_mapping.device.type == "cpu" or debug_enabled():
@@ -65,7 +65,8 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, kv_cache, slot_mapping: 
     total = k_new.shape[0] * cache.kv_heads * (row_bytes // unit)
     blocks = min(-(-total // _THREADS), 65535)
     kernel.launch((blocks,), (_THREADS,), (
-        k_new, v_new, *_byte_strides(k_new, (0, 1)), cache.k, cache.v, *_byte_strides(cache.k, (0, 1, 2)),
+        k_new, v_new, *_byte_strides(k_new, (0, 1)), *_byte_strides(v_new, (0, 1)), cache.k, cache.v,
+        *_byte_strides(cache.k, (0, 1, 2)),
         slot_mapping.contiguous(), np.int32(k_new.shape[0]), np.int32(cache.kv_heads), np.int32(row_bytes),
         np.int32(cache.page_size)))
 

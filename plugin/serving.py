@@ -147,6 +147,17 @@ def _positions(tokens: list[int], dicts) -> dict:
             "top1": [max(d.items(), key=lambda kv: kv[1].logprob)[0] for d in dicts]}
 
 
+def _vllm_ngram_method() -> str:
+    """vLLM's n-gram drafter "ngram" runs on numba, which refuses NumPy releases newer than it knows; its
+    "ngram_gpu" twin drafts the same n-gram matches on the GPU without it."""
+    try:
+        import numba  # noqa: F401
+        return "ngram"
+    except ImportError as e:
+        print(f"[pagedinfer.serving] vLLM's ngram drafter needs numba ({e}): using method ngram_gpu", flush=True)
+        return "ngram_gpu"
+
+
 class VllmEngine:
     def __init__(self, model: str, backend: str, *, eager: bool, ngram: bool):
         # vLLM's default process layout is kept (VLLM_ENABLE_V1_MULTIPROCESSING=1, engine core in a child
@@ -159,7 +170,7 @@ class VllmEngine:
                       cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
                       disable_log_stats=not ngram)  # the spec-decode counters need stats on
         if ngram:
-            kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 4,
+            kwargs["speculative_config"] = {"method": _vllm_ngram_method(), "num_speculative_tokens": 4,
                                             "prompt_lookup_min": 2, "prompt_lookup_max": 4}
         self.llm = LLM(**kwargs)
 

@@ -101,6 +101,21 @@ def test_append_kv_unaligned_rows_use_the_element_path():
 
 
 @pytest.mark.gpu
+def test_append_kv_takes_k_and_v_with_different_strides():
+    """As engines pass them: K a view into a fused qkv projection, V contiguous."""
+    cache = torch.randn(8, 2, 16, 3, 64, dtype=torch.bfloat16, device="cuda")
+    qkv = torch.randn(6, (9 + 3) * 64, dtype=torch.bfloat16, device="cuda")
+    k = qkv[:, 9 * 64:].view(6, 3, 64)
+    v = torch.randn(6, 3, 64, dtype=torch.bfloat16, device="cuda")
+    slots = torch.tensor([0, 5, 17, 33, -1, 127], device="cuda")
+    cache_ops.append_kv(k, v, cache, slots)
+    view = as_paged_kv_cache(cache)
+    kept = slots >= 0
+    assert torch.equal(view.k.reshape(-1, 3, 64)[slots[kept]], k[kept])
+    assert torch.equal(view.v.reshape(-1, 3, 64)[slots[kept]], v[kept])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch,page_size", [(1, 16), (7, 1), (64, 16), (300, 32)])
 def test_csr_from_block_table_matches_reference(batch, page_size):
     torch.manual_seed(batch)
