@@ -24,7 +24,7 @@ What goes in (the recipe in shared/reference/airgapped-gpu-bundle.md, resolved h
   * the engine's dependency closure for CPython 3.12 manylinux x86_64 (`pip install --dry-run --report`),
     plus gguf and flashinfer-python 0.6.14 (+ apache-tvm-ffi), for the FLASHINFER baselines;
   * minus what the host already has: the closure of torch 2.11.0, triton 3.6.0, transformers 5.17.0,
-    numpy, accelerate and cupy-cuda13x 14.2.0, resolved the same way, when its version satisfies every
+    numpy, accelerate and cupy-cuda13x 14.2.0, as listed in gpu_host_packages.txt, when its version satisfies every
     requirement on it in the engine's closure (so SGLang brings its own transformers 5.12.1 and
     tokenizers 0.22.x, which then shadow the host's through PYTHONPATH);
   * minus DENSE_LLAMA_SKIP (packages a dense Llama run never imports) and whatever only they pull in;
@@ -80,9 +80,9 @@ REPO = Path(__file__).resolve().parent.parent
 PIECE_MIB = 60
 PYTHON = "3.12"
 
-# What the GPU host has installed (shared/reference/airgapped-gpu-bundle.md). Its dependency closure,
-# resolved like the engine's, stands in for the host's site-packages.
-HOST = ["torch==2.11.0", "triton==3.6.0", "transformers==5.17.0", "numpy", "accelerate", "cupy-cuda13x==14.2.0"]
+# What the GPU host has installed: `python3 -m pip list --format=freeze` run there (2026-11-26). A resolved
+# stand-in guessed wrong (it brought pydantic, which the host lacks).
+HOST_PACKAGES = Path(__file__).with_name("gpu_host_packages.txt")
 # Host packages whose version we do not know (the resolution above just picks the newest): the host's own
 # copy serves even where a requirement in the closure excludes that newest version. vLLM ran on the host's
 # numpy (recipe) although mistral_common caps numpy<2.4 for Python 3.12; vLLM's setuptools<81 is an
@@ -204,6 +204,16 @@ def resolve(python: str, requirements: list[str], plat: list[str], cache: Path) 
 
 
 # ------------------------------------------------------------------------------------------ the set
+
+def host_packages() -> dict[str, dict]:
+    """The host's packages in the shape of report items: canonical name -> {"metadata": {"version": ...}}."""
+    host = {}
+    for line in HOST_PACKAGES.read_text().splitlines():
+        name, _, version = line.strip().partition("==")
+        if version:
+            host[canonicalize_name(name)] = {"metadata": {"name": name, "version": version}}
+    return host
+
 
 def requirements_of(item: dict, extras: set[str]) -> list[Requirement]:
     """The item's requirements that apply on the host (markers evaluated for CPython 3.12 / Linux x86_64,
@@ -469,7 +479,7 @@ def build(engine: str, out_root: Path, python: str | None, max_glibc_minor: int,
     plat = platform_args(max_glibc_minor)
     roots = [spec.requirement, *EXTRA_ROOTS]
     closure = resolve(py, roots, plat, cache)
-    host = resolve(py, HOST, plat, cache)
+    host = host_packages()
     chosen, why = select(closure, roots, host)
     extra = resolve(py, NO_DEPS, plat + ["--no-deps"], cache)
     items = [closure[n] for n in chosen] + list(extra.values())
@@ -484,7 +494,7 @@ def build(engine: str, out_root: Path, python: str | None, max_glibc_minor: int,
     info = {"engine": engine, "requirement": spec.requirement, "python": PYTHON,
             "max_glibc": max_glibc([f.name for f in files]),
             "wheels": sorted(f.name for f in wheels), "trees": sorted(t.name for t in trees),
-            "left_out": why, "host_assumed": HOST}  # no date: the same inputs make the same tar (and id)
+            "left_out": why, "host_packages": HOST_PACKAGES.name}  # no date: the same inputs make the same tar (and id)
     manifest = pack(engine, wheels, trees, info, out_root / engine, piece_mib * 2**20)
     wheel_mb = sum(f.stat().st_size for f in wheels) / 2**20
     tree_mb = sum(t.stat().st_size for t in trees) / 2**20

@@ -19,7 +19,7 @@ while the machine stays warm). Estimated from the anchors' start-up times (vLLM:
 warm; FlashInfer JIT ~150 s per head dim): about 15-20 minutes for vLLM's plan and 12-17 for SGLang's on a
 fresh H100 machine, so 2-3 calls of --budget 540; --skip-throughput saves the FlashInfer-only runs and the
 timing. Finished: verdicts printed last, exit code 1 if any fails. Raw results are copied to
-$OUT/e2e-<engine>-raw/, records (benchmarks/results format, op "e2e") and the speedup plot go to $OUT (else
+$OUT/e2e-<engine>-state.tar.gz, records (benchmarks/results format, op "e2e") and the speedup plot go to $OUT (else
 benchmarks/results) as e2e-<engine>.json/.png.
 """
 from __future__ import annotations
@@ -378,12 +378,14 @@ def report(engine: str, state: Path) -> bool:
 
 
 def copy_raw(engine: str, state: Path) -> None:
+    """The state folder as one tarball under $OUT (the device tool returns a limited number of files); a
+    later call on a fresh machine can resume from it (benchmarks/e2e_gpu.sh unpacks a carried copy)."""
     if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"]) / f"e2e-{engine}-raw"
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in state.iterdir():
-            if f.suffix in (".json", ".log"):
-                shutil.copy(f, dest / f.name)
+        import tarfile
+        with tarfile.open(Path(os.environ["OUT"]) / f"e2e-{engine}-state.tar.gz", "w:gz") as tar:
+            for f in sorted(state.iterdir()):
+                if f.suffix in (".json", ".log"):
+                    tar.add(f, arcname=f.name)
 
 
 def main(argv: list[str] | None = None) -> int:
