@@ -23,9 +23,8 @@ script prints it at the end, and manifest.json says it.
 What goes in (the recipe in shared/reference/airgapped-gpu-bundle.md, resolved here rather than listed):
   * the engine's dependency closure for CPython 3.12 manylinux x86_64 (`pip install --dry-run --report`),
     plus gguf and flashinfer-python 0.6.14 (+ apache-tvm-ffi), for the FLASHINFER baselines;
-  * minus what the host already has: the closure of torch 2.11.0, triton 3.6.0, transformers 5.17.0,
-    numpy, accelerate and cupy-cuda13x 14.2.0, as listed in gpu_host_packages.txt, when its version satisfies every
-    requirement on it in the engine's closure (so SGLang brings its own transformers 5.12.1 and
+  * minus what the host already has (gpu_host_packages.txt, its pip freeze), when its version satisfies
+    every requirement on it in the engine's closure (so SGLang brings its own transformers 5.12.1 and
     tokenizers 0.22.x, which then shadow the host's through PYTHONPATH);
   * minus DENSE_LLAMA_SKIP (packages a dense Llama run never imports) and whatever only they pull in;
   * the engine's big compiled package unpacked, stripped of kernels a dense Llama run does not load, and
