@@ -117,8 +117,10 @@ class Engine:
         self.kv[layer.layer_id, row] = (torch.cat([old[0], k]), torch.cat([old[1], v]))
 
     def store(self, layer, row, slots, k, v):
-        """K/V written the way a previous forward (or a model's fused RoPE + KV store) leaves them."""
-        self.pool.set_kv_buffer(layer, self.tensor(slots), k, v)
+        """K/V written the way a previous forward (or a model's fused RoPE + KV store) leaves them. (Never
+        with no tokens: SGLang does not, and its CUDA store kernel refuses an empty launch.)"""
+        if slots:
+            self.pool.set_kv_buffer(layer, self.tensor(slots), k, v)
         self.record(layer, row, k, v)
 
     def history(self, rows, lens):

@@ -215,7 +215,7 @@ def test_uniform_decode_replays_in_a_cuda_graph_after_a_new_plan(engine):
     metadata = builder.build(0, first.meta)
     assert list(builder._wrappers) == ["graph"] and len(metadata.parts) == 1
     static, slots = first.qkv, first.slot_mapping  # the graph's input buffers
-    with contexts(first, metadata):
+    with set_current_vllm_config(config), contexts(first, metadata):  # capture consults the config
         layer(*static)  # warm-up compiles the kernels outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
