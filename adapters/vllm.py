@@ -180,9 +180,9 @@ class PagedInferMetadataBuilder(AttentionMetadataBuilder[PagedInferMetadata]):
         if reqs == 0:
             return PagedInferMetadata([])
         lens = self._host_seq_lens(m, reqs)
-        decodes = int(np.argmax(qo_lens[:reqs] > self.reorder_batch_threshold)) \
-            if (qo_lens[:reqs] > self.reorder_batch_threshold).any() else reqs
-        if (qo_lens[decodes:reqs] <= self.reorder_batch_threshold).any():
+        long = qo_lens[:reqs] > self.reorder_batch_threshold
+        decodes = int(np.argmax(long)) if long.any() else reqs
+        if not long[decodes:].all():
             decodes = 0  # not ordered decodes-first: the prefill kernel takes every request
         return PagedInferMetadata([self._plan_part(m, starts, qo_lens, lens, lo, hi, prefill=lo == decodes)
                                    for lo, hi in ((0, decodes), (decodes, reqs)) if lo < hi])

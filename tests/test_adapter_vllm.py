@@ -254,3 +254,9 @@ def test_padding_only_batch_plans_nothing(engine):
                                    slot_mapping=torch.zeros(0, dtype=torch.int64))
     builder = backend.get_builder_cls()(_spec(config), NAMES, config, torch.device("cpu"))
     assert builder.build(0, meta).parts == []
+
+
+def test_batch_not_ordered_decodes_first_goes_to_the_prefill_kernel(engine):
+    config, backend, _ = engine
+    batch = Batch([(20, 70), (1, 37)], "cpu", torch.Generator().manual_seed(5), 40, pad_reqs=0, pad_tokens=0)
+    assert [(p.start, p.stop) for p in _builder(config, backend, "cpu").build(0, batch.meta).parts] == [(0, 21)]
