@@ -71,8 +71,8 @@ def assert_matches(out, lse, ref_out, ref_lse, dtype):
 
 
 def fuzz(count, seed, pool, make_case, run_case, check, describe):
-    """Runs `count` cases drawn from a pool of kernel specialisations; returns a line per failure (every case
-    runs, so a report shows the pattern, not just the first miss)."""
+    """Runs `count` cases drawn from a pool of kernel specialisations and fails with a line per failing case
+    (every case runs, so a report shows the pattern, not just the first miss)."""
     rng = np.random.default_rng(seed)
     failures = []
     for i in range(count):
@@ -82,7 +82,7 @@ def fuzz(count, seed, pool, make_case, run_case, check, describe):
             check(case, *run_case(case))
         except AssertionError as e:
             failures.append(f"case {i} {spec} {describe(case)}: {str(e).splitlines()[0]}")
-    return failures
+    assert not failures, f"{len(failures)} of {count} cases failed:\n" + "\n".join(failures[:20])
 
 
 def run_ragged(wrapper_cls, case, wrapper=None):
