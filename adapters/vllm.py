@@ -29,6 +29,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import get_kv_cache_layout
 
+from ..cache import append_kv
 from ..decode import DecodeWrapper
 from ..paged import PagedKVCache, as_paged_kv_cache, block_page_table
 from ..prefill import PrefillWrapper
@@ -282,7 +283,6 @@ class PagedInferImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        from ..cache import append_kv
         n = slot_mapping.shape[0]  # key/value may carry CUDA-graph padding rows past the mapped tokens
         append_kv(key[:n], value[:n], self._paged(kv_cache), slot_mapping)
 
