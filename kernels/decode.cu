@@ -15,34 +15,15 @@
 // online softmax in base 2 on the accumulators, O += P V (ldmatrix.trans). Warps on the same rows merge
 // through shared memory at the end. A chunk's partial (output, LSE) goes to the workspace; the last CTA of
 // its (request, row block) merges them (an atomic counter), so a split request still costs one launch.
-#include "common.cuh"
+#include "attention.cuh"
 
 namespace decode_detail {
 
-#define NEG_INF (-__int_as_float(0x7f800000))
+using namespace attention;
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int WARP_TOKENS = 16;
 constexpr int TILE = WARPS * WARP_TOKENS;  // tokens per pipeline stage; plan() splits in multiples of it
-constexpr float LN2 = 0.6931471805599453f;
-
-// Work item, 8 ints, written by plan(): the request, where its page ids start, its key range, where a split
-// key range keeps its partial results, and which rows.
-struct Item {
-  int req, row_start, begin, end;
-  int slot;        // partial slot of this chunk, or -1 when the item is the whole key range
-  int first_slot;  // first partial slot of its (request, row block); also names its merge counter
-  int chunks;      // chunks of its (request, row block)
-  int row_block;   // which ROWS query rows of the request
-};
-
-// Per request: where its query tokens start in q/out, how many there are, its KV length (its own tokens
-// included, at the end) and the byte offset of its packed tree or custom mask.
-struct Request {
-  int qo_start, qo_len, kv_len, mask_offset;
-};
-
-enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
 
 // Row j of a tree mask (bit i set: draft j may attend draft i), bits j*qo_len .. of the request's segment.
 __device__ __forceinline__ u32 tree_row(const unsigned char* mask, int offset, int qo_len, int j) {
@@ -76,8 +57,8 @@ __global__ void __launch_bounds__(decode_detail::THREADS)
 decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
        const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
        i64 page_stride, i64 token_stride, i64 head_stride,
-       const int* __restrict__ page_ids, const decode_detail::Item* __restrict__ items,
-       const decode_detail::Request* __restrict__ requests, const int* __restrict__ num_items,
+       const int* __restrict__ page_ids, const attention::Item* __restrict__ items,
+       const attention::Request* __restrict__ requests, const int* __restrict__ num_items,
        const unsigned char* __restrict__ mask_bits,  // packed tree or custom masks, per request
        u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
        float* __restrict__ lse,          // [tokens, q heads], natural log; null when not wanted
@@ -227,10 +208,8 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
             bool visible = key < it.end && (window_left < 0 || key >= prefix + tok[h] - window_left);
             if (MASK == CAUSAL) visible = visible && draft <= tok[h];
             if (MASK == TREE) visible = visible && (draft < 0 || ((tree[h] >> draft) & 1u));
-            if (MASK == CUSTOM && visible) {  // bit (token * kv_len + key) of the request's segment
-              const i64 bit = (i64)tok[h] * rq.kv_len + key;
-              visible = real[h] && ((mask_bits[rq.mask_offset + (bit >> 3)] >> (bit & 7)) & 1);
-            }
+            if (MASK == CUSTOM && visible)
+              visible = real[h] && custom_bit(mask_bits, rq.mask_offset, rq.kv_len, tok[h], key);
             x = visible ? x : NEG_INF;
           }
           s[n][e] = x;
@@ -322,50 +301,12 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
           Half<T>::pack2(x * inv, y * inv);
       if (lse != nullptr && dim == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
     } else {
-      const i64 at = ((i64)it.slot * kv_heads + kv_head) * ROWS + row;
+      const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
       *reinterpret_cast<float2*>(partial_o + at * HEAD_DIM + dim) = make_float2(x * inv, y * inv);
       if (dim == 0) partial_lse[at] = lse2;
     }
   }
-  if (whole) return;
-
-  // Split request: the last of its CTAs for these rows merges every chunk's partial result.
-  __shared__ int is_last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
-    is_last = atomicAdd(counter, 1) == it.chunks - 1;
-    if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();  // see the other CTAs' partial results
-  // Each thread merges four dims of one row over all chunks: an online log-sum-exp merge whose loads (the
-  // chunk's LSE and output) do not depend on the running state, so the unrolled loop keeps them in flight.
-  for (int idx = tid; idx < rows_here * HEAD_DIM / 4; idx += THREADS) {
-    const int row = idx / (HEAD_DIM / 4), r = row0 + row, d4 = idx % (HEAD_DIM / 4);
-    float mx = NEG_INF, den = 0.f;
-    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int c = 0; c < it.chunks; ++c) {
-      const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
-      const float part_lse = __ldcg(partial_lse + at);
-      const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
-      const float m_new = fmaxf(mx, part_lse);
-      const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
-      const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse - base);
-      mx = m_new;
-      den = den * keep + w;
-      num.x = num.x * keep + w * part.x;
-      num.y = num.y * keep + w * part.y;
-      num.z = num.z * keep + w * part.z;
-      num.w = num.w * keep + w * part.w;
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    const int token = rq.qo_start + r / GROUP, qh = q_head0 + r % GROUP;
-    *reinterpret_cast<uint2*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + d4 * 4) =
-        make_uint2(Half<T>::pack2(num.x * inv, num.y * inv), Half<T>::pack2(num.z * inv, num.w * inv));
-    if (lse != nullptr && d4 == 0) lse[(i64)token * q_heads + qh] = den > 0.f ? (mx + __log2f(den)) * LN2 : NEG_INF;
-  }
+  if (whole || !last_chunk(it, counters, kv_head, kv_heads)) return;
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, rows_here, kv_head, kv_heads, partial_o, partial_lse, out,
+                                         out_stride_tok, out_stride_head, lse);
 }

@@ -276,6 +276,7 @@ def _prefill_case(heads, batch, qo_len, prefix, anchor, workspace) -> list[dict]
     wrapper.plan(qo_indptr, table, q_heads, kv_heads, head_dim, causal=True, kv_lens_host=table.kv_lens().cpu(),
                  indptr_host=indptr.cpu())
     out, t = _timed_run(wrapper, q, kv)
+    custom_us = _custom_mask_us(heads, batch, qo_len, kv_len, qo_indptr, table, q, kv)
     call, rows = sdpa_call(q, kv, ids, batch, kv_len, causal=True)  # always: the accuracy check
     anchors = {TORCH_ANCHOR: median_us(call)}
     ref = rows(call()).float()
@@ -287,7 +288,19 @@ def _prefill_case(heads, batch, qo_len, prefix, anchor, workspace) -> list[dict]
             w.plan(qo_indptr.cuda(), indptr, ids, last, q_heads, kv_heads, head_dim, PAGE, causal=True,
                    q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
             anchors[f"flashinfer-{backend}"] = _timed_run(w, q, kv)[1]
-    return prefill_records(heads, batch, qo_len, prefix, t, rel_err, anchors)
+    return prefill_records(heads, batch, qo_len, prefix, t, rel_err, anchors, custom_us)
+
+
+def _custom_mask_us(heads, batch, qo_len, kv_len, qo_indptr, table, q, kv) -> float:
+    """Our time for the causal pattern given as a packed custom mask (what tree / custom masks cost)."""
+    from .masks import pack_masks
+    from .prefill import PrefillWrapper
+    causal = torch.ones(qo_len, kv_len, dtype=torch.bool).tril(kv_len - qo_len)
+    packed, mask_indptr = pack_masks([causal] * batch)
+    wrapper = PrefillWrapper("cuda")
+    wrapper.plan(qo_indptr, table, *heads, custom_mask=packed.cuda(), mask_indptr=mask_indptr,
+                 kv_lens_host=table.kv_lens().cpu(), indptr_host=table.indptr.cpu())
+    return _timed_run(wrapper, q, kv)[1]
 
 
 def run_prefill(cases, anchor: str | None) -> list[dict]:

@@ -123,12 +123,14 @@ def verify_records(heads, batch: int, drafts: int, kv_len: int, mask: str, us: f
 
 
 def prefill_records(heads, batch: int, qo_len: int, prefix: int, us: float, rel_err: float,
-                    anchors: dict) -> list[dict]:
-    """Causal prefill (extend when there is a cached prefix); anchors: {name: us}, SDPA always among them."""
+                    anchors: dict, custom_mask_us: float = math.nan) -> list[dict]:
+    """Causal prefill (extend when there is a cached prefix); anchors: {name: us}, SDPA always among them.
+    `custom_mask_us`: the same causal pattern given as a packed custom mask (the custom-mask path)."""
     q_heads, kv_heads, head_dim = heads
     tflops = causal_flops(batch, q_heads, head_dim, qo_len, prefix) / (us * 1e-6) / 1e12
     base = record("extend" if prefix else "prefill", heads, batch, prefix + qo_len, qo_len, "causal", us,
-                  tflops=tflops, rel_err_vs_sdpa=rel_err)
+                  tflops=tflops, rel_err_vs_sdpa=rel_err, custom_mask_us=custom_mask_us,
+                  custom_vs_causal=custom_mask_us / us)
     label = f"{q_heads}/{kv_heads}/{head_dim} {batch}x{qo_len}+{prefix}"
     return [versus(base, name, t, label=f"{label} vs {short(name)}") for name, t in anchors.items()]
 
@@ -181,14 +183,15 @@ def decode_table(records) -> str:
 
 def prefill_table(records) -> str:
     columns = [("shape", 10, ""), ("BxQ+P", 14, ""), ("FI us", 9, ".1f"), ("SDPA us", 9, ".1f"), ("ours us", 9, ".1f"),
-               ("TFLOP/s", 9, ".1f"), ("x FI", 6, ".2f"), ("err", 9, ".1e")]
+               ("TFLOP/s", 9, ".1f"), ("x FI", 6, ".2f"), ("mask/c", 7, ".2f"), ("err", 9, ".1e")]
     rows = []
     for case in _group(records, lambda r: (_heads(r), r["batch"], r["qo_len"], r["kv_len"])).values():
         r = case[0]
         fi = min((x["anchor_us"] for x in case if x["anchor"].startswith("flashinfer")), default=None)
         sdpa = next(x["anchor_us"] for x in case if x["anchor"] == TORCH_ANCHOR)
         rows.append((_heads(r), f"{r['batch']}x{r['qo_len']}+{r['kv_len'] - r['qo_len']}", fi, sdpa,
-                     r["pagedinfer_us"], r["tflops"], fi / r["pagedinfer_us"] if fi else None, r["rel_err_vs_sdpa"]))
+                     r["pagedinfer_us"], r["tflops"], fi / r["pagedinfer_us"] if fi else None,
+                     r.get("custom_vs_causal"), r["rel_err_vs_sdpa"]))
     return format_table(columns, rows)
 
 

@@ -13,6 +13,8 @@ graph captured once stays correct after any later `plan` that fits the capacitie
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -66,8 +68,29 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK)]]
 
 
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel specialisation and how plan() cuts work for it."""
+    source: str
+    name: str
+    threads: int
+    rows: int       # query rows (token x head) per work unit
+    tile: int       # keys per pipeline stage: split chunks are whole tiles
+    min_chunk: int  # shortest split chunk, in keys
+    smem: int       # dynamic shared memory, bytes
+
+
+def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, max_tokens: int,
+                mask: int) -> KernelSpec:
+    """decode.cu (mma.sync, every architecture from sm_80) for requests of up to `max_tokens` query tokens."""
+    m_tiles = row_tiles(max_tokens * group)
+    name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, max_tokens * group > 8)
+    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim)[1])
+
+
 class DecodeWrapper:
     MAX_QO_LEN = 1  # query tokens per request this wrapper accepts (VerifyWrapper: 16, PrefillWrapper: 32768)
+    LONGEST_FIRST = False  # order work items by key range, longest first (prefill's uneven causal units)
 
     def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_pages: int | None = None,
@@ -165,15 +188,12 @@ class DecodeWrapper:
                  f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         prefix = lens - qo_lens
         max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
-        m_tiles = row_tiles(max_tokens * group)
-        block = 16 * m_tiles
+        spec = self._kernel_spec(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0, max_tokens, mask)
+        block = spec.rows
         from .kernels import get_kernel
-        kernel = get_kernel("decode.cu", kernel_name(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0,
-                                                     m_tiles, mask, max_tokens * group > 8),
-                            device_index=self.device.index)
-        smem = _stages(head_dim)[1]
+        kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        target = max(1, kernel.max_active_blocks(_THREADS, smem)) * sms  # one full wave of CTAs
+        target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
 
         # Work units: (request, block of `block` query rows), each over the keys its rows can see.
         blocks = -(-qo_lens * group // block)
@@ -186,10 +206,13 @@ class DecodeWrapper:
             ends = np.minimum(ends, prefix[unit_req] + last_tok + 1)
         begins = (np.maximum(0, prefix[unit_req] + first_tok - window) if window >= 0
                   else np.zeros_like(ends))
-        work = planning.split_kv(row_starts[unit_req], begins, ends, kv_heads=num_kv_heads, tile=_TILE,
-                                 target_ctas=target, min_chunk=_MIN_CHUNK)
+        work = planning.split_kv(row_starts[unit_req], begins, ends, kv_heads=num_kv_heads, tile=spec.tile,
+                                 target_ctas=target, min_chunk=spec.min_chunk)
         work.items[:, 7] = unit_block[work.items[:, 0]]
         work.items[:, 0] = unit_req[work.items[:, 0]]
+        if self.LONGEST_FIRST:  # the long key ranges start first, the short ones fill the tail of the wave
+            work = planning.WorkList(work.items[np.argsort(work.items[:, 2] - work.items[:, 3], kind="stable")],
+                                     work.num_slots)
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
 
@@ -199,15 +222,15 @@ class DecodeWrapper:
             units = self.max_batch_size * -(-self.max_qo_len * group // block)
             capacity = planning.max_items(units, num_kv_heads, target)
             need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
-                        mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 16)  # byte-aligned segments
+                        mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 32)  # byte-aligned segments
         else:
             capacity = work.num_items
             need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
-                        ids=0 if host_ids is None else host_ids.numel(), mask=max(mask_bytes, 16))
+                        ids=0 if host_ids is None else host_ids.numel(), mask=mask_bytes + 32)
         if capacity > 65535:  # the grid's y dimension
             fail("qo_indptr", "at most 65535 work items of 64 query rows per plan (split the batch)", capacity)
-        if mask_bytes > need["mask"]:
-            fail("tree_mask", f"at most {need['mask']} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
+        if mask_bytes + 32 > need["mask"]:  # 32 bytes of padding: kernels read masks in whole words
+            fail("tree_mask", f"at most {need['mask'] - 32} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
         self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block))
         page_ids = self._upload(work, requests, host_ids, page_ids_dev)
         b = self._buffers
@@ -219,11 +242,16 @@ class DecodeWrapper:
         self._plan = dict(
             kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
-            grid=(num_kv_heads, capacity), smem=smem,
+            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem,
             work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
                        np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
             keep_alive=page_ids)  # the kernel reads these page ids by address
+
+    def _kernel_spec(self, dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool,
+                     max_tokens: int, mask: int) -> KernelSpec:
+        """The kernel for a plan whose requests have up to `max_tokens` query tokens."""
+        return decode_spec(dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask)
 
     @staticmethod
     def _host_lengths(table, kv_lens_host, indptr_host) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +348,7 @@ class DecodeWrapper:
         else:
             check_rows("out", out, shape, p["dtype"], self.device)
         lse = torch.empty(shape[:2], dtype=torch.float32, device=self.device) if return_lse else None
-        p["kernel"].launch_prepared(p["grid"], (_THREADS,), (
+        p["kernel"].launch_prepared(p["grid"], p["threads"], (
             np.uint64(q.data_ptr()), np.int64(q.stride(0)), np.int64(q.stride(1)), *cache_args, *p["work_args"],
             np.uint64(out.data_ptr()), np.int64(out.stride(0)), np.int64(out.stride(1)),
             np.uint64(lse.data_ptr() if return_lse else 0), *p["tail_args"]), p["smem"])

@@ -11,22 +11,64 @@ bit i * kv_len + j set when query token i may attend key j, little bit order, ea
 starting on a byte at mask_indptr[i] (`pagedinfer.pack_masks` of [qo_len, kv_len] bool masks). Sliding
 window (window_left), logits soft cap, sm_scale and the LSE as for decode.
 
-The kernel is the decode kernel with 64 query rows (token x head) per CTA: correct for the whole coverage,
-but an mma.sync design; the Hopper wgmma kernel that compute-bound prefill needs is not written yet.
+Kernels: on Hopper (sm_90a), head dims 64 and 128, requests of more than 64 query rows (tokens x group)
+run kernels/prefill_sm90.cu (warpgroup tensor cores, 128 rows per CTA); everything else (other GPUs, head
+dims 80/96/256, short requests) the decode kernel with up to 64 query rows per CTA (mma.sync).
 """
 from __future__ import annotations
 
 import torch
 
-from .decode import CAUSAL, CUSTOM, NO_MASK, DecodeWrapper
+from .decode import CAUSAL, CUSTOM, NO_MASK, DecodeWrapper, KernelSpec, decode_spec
 from .paged import csr_page_table
 from .validate import check_shape, check_tensor, fail
 
 MAX_QO_LEN = 32768
+# Mirrors kernels/prefill_sm90.cu: a producer and two consumer warpgroups of 64 query rows, 128-key tiles of
+# 128-byte swizzled rows, one CTA per multiprocessor, work items never split.
+SM90_HEAD_DIMS = (64, 128)
+_SM90_THREADS = 384
+_SM90_ROWS = 128
+_SM90_TILE = 128
+_SM90_SMEM = 200 * 1024  # K/V stages
+_NEVER_SPLIT = 1 << 30   # min_chunk longer than any request: one item per work unit
+
+
+def _sm90_stages(head_dim: int) -> tuple[int, int]:
+    """Pipeline depth (as many stages of a K and a V tile as fit, 3 to 6) and dynamic shared memory (+1 KB
+    to align)."""
+    stage_bytes = 2 * _SM90_TILE * head_dim * 2
+    stages = max(3, min(6, _SM90_SMEM // stage_bytes))
+    return stages, stages * stage_bytes + 1024
+
+
+def sm90_kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, mask: int) -> str:
+    return (f"prefill_sm90_kernel<{dtype_tag}, {head_dim}, {group}, {page_size}, {'true' if soft_cap else 'false'}, "
+            f"{_sm90_stages(head_dim)[0]}, {mask}>")
+
+
+def prefill_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, max_tokens: int,
+                 mask: int, hopper: bool) -> KernelSpec:
+    """The Hopper kernel where it applies (see the module docstring), else the decode kernel."""
+    if hopper and head_dim in SM90_HEAD_DIMS and max_tokens * group > 64:
+        return KernelSpec("prefill_sm90.cu", sm90_kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, mask),
+                          _SM90_THREADS, _SM90_ROWS, _SM90_TILE, _NEVER_SPLIT, _sm90_stages(head_dim)[1])
+    return decode_spec(dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask)
+
+
+# The CI compile check (sm_90a only: wgmma): both dtypes and head dims, each mask, soft cap, page sizes.
+SPECIALIZATIONS = [("prefill_sm90.cu", sm90_kernel_name(*spec)) for spec in [
+    ("bf16", 128, 4, 16, False, CAUSAL), ("fp16", 64, 3, 1, True, NO_MASK), ("bf16", 64, 7, 256, False, CUSTOM),
+    ("fp16", 128, 1, 64, True, CAUSAL), ("bf16", 128, 16, 8, False, NO_MASK)]]
 
 
 class PrefillWrapper(DecodeWrapper):
     MAX_QO_LEN = MAX_QO_LEN
+    LONGEST_FIRST = True
+
+    def _kernel_spec(self, dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask) -> KernelSpec:
+        hopper = torch.cuda.get_device_capability(self.device) == (9, 0)
+        return prefill_spec(dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask, hopper)
 
     def plan(self, qo_indptr: torch.Tensor, table, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
              causal: bool = False, custom_mask: torch.Tensor | None = None, mask_indptr: torch.Tensor | None = None,

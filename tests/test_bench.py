@@ -87,10 +87,10 @@ def test_verify_and_prefill_tables():
     assert lines[2].split()[:8] == ["32/8/128", "64x4x2048", "tree", "30.0", "60.0", "20.0", "1.50", "3.00"]
 
     records = bc.prefill_records((32, 8, 128), 1, 4096, 0, 100.0, 2e-3,
-                                 {bc.TORCH_ANCHOR: 50.0, "flashinfer-auto": 40.0, "flashinfer-fa2": 45.0})
+                                 {bc.TORCH_ANCHOR: 50.0, "flashinfer-auto": 40.0, "flashinfer-fa2": 45.0}, 110.0)
     lines = bc.prefill_table(records).splitlines()
     assert lines[1].split() == ["32/8/128", "1x4096+0", "40.0", "50.0", "100.0",
-                                f"{records[0]['tflops']:.1f}", "0.40", "2.0e-03"]
+                                f"{records[0]['tflops']:.1f}", "0.40", "1.10", "2.0e-03"]
     assert bc.prefill_table(records[:1]).splitlines()[1].split()[2] == "-"  # no FlashInfer
 
 

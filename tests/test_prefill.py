@@ -10,10 +10,10 @@ from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, f
                          spec_pool)
 
 from pagedinfer import kernels, reference
-from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK, kernel_name
+from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK
 from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
-from pagedinfer.prefill import PrefillWrapper, RaggedPrefillWrapper, prefill, prefill_ragged
+from pagedinfer.prefill import PrefillWrapper, RaggedPrefillWrapper, prefill, prefill_ragged, prefill_spec
 
 MASKS = ["causal", "none", "custom"]
 
@@ -98,6 +98,17 @@ def test_one_shot_prefill_on_cpu_is_the_reference():
     check_against_reference(case, out, lse)
 
 
+def test_hopper_kernel_takes_long_requests_of_its_head_dims():
+    def source(head_dim, max_tokens, group, hopper=True):
+        return prefill_spec("bf16", head_dim, group, 16, False, max_tokens, CAUSAL, hopper).source
+    assert source(128, 4096, 4) == source(64, 17, 4) == "prefill_sm90.cu"
+    assert source(64, 16, 4) == "decode.cu"          # 64 rows: the decode kernel's block holds them
+    assert source(96, 4096, 4) == source(256, 4096, 4) == "decode.cu"
+    assert source(128, 4096, 4, hopper=False) == "decode.cu"
+    spec = prefill_spec("bf16", 128, 4, 16, False, 4096, CAUSAL, True)
+    assert (spec.threads, spec.rows, spec.tile) == (384, 128, 128) and spec.smem <= 227 * 1024
+
+
 def make_ragged_case(rng, spec, device="cuda"):
     """Contiguous K/V per request (kv_indptr), queries at the end of each request's keys, a random mask."""
     dtype_name, head_dim, group, _, soft_cap = spec
@@ -146,11 +157,42 @@ def test_ragged_plan_rejects_bad_kv_indptr():
 
 # ------------------------------------------------------------------------------ GPU
 
+def hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.fixture(scope="module")
 def warm_kernels():
-    specs = {("decode.cu", kernel_name(dtype, d, g, page, cap, 4, mask, True))  # page 1: the ragged-KV cases
-             for dtype, d, g, p, cap in spec_pool(48, 91) for page in (p, 1) for mask in (NO_MASK, CAUSAL, CUSTOM)}
+    specs = {(s.source, s.name) for dtype, d, g, p, cap in spec_pool(48, 91) for page in (p, 1)  # 1: ragged KV
+             for mask in (NO_MASK, CAUSAL, CUSTOM) for tokens in (300, 1500)
+             for s in [prefill_spec(dtype, d, g, page, cap, tokens, mask, hopper())]}
     kernels.precompile(specs, kernels.device_arch())
+
+
+def make_long_case(rng, spec, device="cuda"):
+    """Requests of 17 to 2000 query tokens: more than 64 query rows, the Hopper kernel's work on sm_90."""
+    batch = int(rng.choice([1, 2, 3]))
+    return make_case(rng, spec, device, qo_lens=[int(rng.integers(17, 2000)) for _ in range(batch)],
+                     prefixes=[int(rng.integers(0, 2000)) if rng.random() < 0.5 else 0 for _ in range(batch)])
+
+
+@pytest.mark.gpu
+def test_hopper_kernel_fuzz_100_long_cases(warm_kernels):
+    pool = [s for s in spec_pool(48, 91) if s[1] in (64, 128)]
+    fuzz(100, 4242, pool, make_long_case, run_case, check_against_reference,
+          lambda c: f"qo={torch.diff(c['qo_indptr']).tolist()} kv={c['table'].kv_lens().tolist()} "
+                    f"masks={list(c['masks'])} {c['layout']} {c['options']}")
+
+
+@pytest.mark.gpu
+def test_long_prefills_run_on_the_hopper_kernel():
+    if not hopper():
+        pytest.skip("the wgmma kernel is for sm_90 only")
+    case = make_case(np.random.default_rng(5), ("bf16", 128, 4, 16, False), qo_lens=[300], prefixes=[0])
+    kv_heads = as_paged_kv_cache(case["cache"], case["layout"]).kv_heads
+    wrapper = PrefillWrapper("cuda", kv_layout=case["layout"])
+    wrapper.plan(case["qo_indptr"], case["table"], 4 * kv_heads, kv_heads, 128, causal=True)
+    assert wrapper._plan["kernel"].name.startswith("prefill_sm90_kernel<bf16, 128, 4, 16")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,93 @@
+// What every attention kernel shares: the work items plan() writes, the per-request table, the masks, and
+// the merge of a split request's partial results by the last of its CTAs.
+#pragma once
+#include "common.cuh"
+
+namespace attention {
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+constexpr float LN2 = 0.6931471805599453f;
+
+// Work item, 8 ints, written by plan(): the request, where its page ids start, its key range, where a split
+// key range keeps its partial results, and which rows.
+struct Item {
+  int req, row_start, begin, end;
+  int slot;        // partial slot of this chunk, or -1 when the item is the whole key range
+  int first_slot;  // first partial slot of its (request, row block); also names its merge counter
+  int chunks;      // chunks of its (request, row block)
+  int row_block;   // which ROWS query rows of the request
+};
+
+// Per request: where its query tokens start in q/out, how many there are, its KV length (its own tokens
+// included, at the end) and the byte offset of its packed tree or custom mask.
+struct Request {
+  int qo_start, qo_len, kv_len, mask_offset;
+};
+
+enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
+
+// Bit (token * kv_len + key) of a request's packed custom mask.
+__device__ __forceinline__ bool custom_bit(const unsigned char* mask, int offset, int kv_len, int token, int key) {
+  const i64 bit = (i64)token * kv_len + key;
+  return (mask[offset + (bit >> 3)] >> (bit & 7)) & 1;
+}
+
+// Where a split chunk leaves row `row` of its partial result: [slots, kv heads, ROWS] rows.
+template <int ROWS>
+__device__ __forceinline__ i64 partial_row(const Item& it, int kv_head, int kv_heads, int row) {
+  return ((i64)it.slot * kv_heads + kv_head) * ROWS + row;
+}
+
+// After a chunk stored its partial result: true in every thread of the CTA that finished its (request, row
+// block, KV head) last, which then merges all chunks. Resets the counter for the next launch.
+__device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv_head, int kv_heads) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
+    is_last = atomicAdd(counter, 1) == it.chunks - 1;
+    if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
+  }
+  __syncthreads();
+  const bool last = is_last;
+  if (last) __threadfence();  // see the other CTAs' partial results
+  return last;
+}
+
+// The last CTA merges every chunk's partial (output, base-2 LSE) of rows [0, rows_here) of its block. Each
+// thread merges four dims of one row over all chunks: an online log-sum-exp merge whose loads (the chunk's
+// LSE and output) do not depend on the running state, so the unrolled loop keeps them in flight.
+template <typename T, int ROWS, int HEAD_DIM, int GROUP>
+__device__ __forceinline__ void merge_chunks(const Item& it, const Request& rq, int row0, int rows_here, int kv_head,
+                                             int kv_heads, const float* partial_o, const float* partial_lse,
+                                             u16* out, i64 out_stride_tok, i64 out_stride_head, float* lse) {
+  const int q_heads = kv_heads * GROUP, q_head0 = kv_head * GROUP;
+  for (int idx = threadIdx.x; idx < rows_here * HEAD_DIM / 4; idx += blockDim.x) {
+    const int row = idx / (HEAD_DIM / 4), r = row0 + row, d4 = idx % (HEAD_DIM / 4);
+    float mx = NEG_INF, den = 0.f;
+    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int c = 0; c < it.chunks; ++c) {
+      const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
+      const float part_lse = __ldcg(partial_lse + at);
+      const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
+      const float m_new = fmaxf(mx, part_lse);
+      const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
+      const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse - base);
+      mx = m_new;
+      den = den * keep + w;
+      num.x = num.x * keep + w * part.x;
+      num.y = num.y * keep + w * part.y;
+      num.z = num.z * keep + w * part.z;
+      num.w = num.w * keep + w * part.w;
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    const int token = rq.qo_start + r / GROUP, qh = q_head0 + r % GROUP;
+    *reinterpret_cast<uint2*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + d4 * 4) =
+        make_uint2(Half<T>::pack2(num.x * inv, num.y * inv), Half<T>::pack2(num.z * inv, num.w * inv));
+    if (lse != nullptr && d4 == 0) lse[(i64)token * q_heads + qh] = den > 0.f ? (mx + __log2f(den)) * LN2 : NEG_INF;
+  }
+}
+
+}  // namespace attention
