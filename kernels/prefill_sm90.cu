@@ -2,25 +2,23 @@
 // request's paged K/V, masks none / causal / packed custom, sliding window, soft cap, LSE. Same work items,
 // requests and outputs as kernels/decode.cu (which serves every other architecture and head dim).
 //
-// A CTA serves one work item: 128 query rows ((token, head of the group) pairs, token-major) of one
-// request and KV head against all the keys they see (prefill is never split: it has rows enough to fill
-// the GPU). Three warpgroups (FA3's schedule):
-// - a producer streams K and V tiles of 128 tokens global -> shared with 16-byte cp.async, STAGES deep,
-//   laid out as wgmma wants them: 64-dim column blocks of 128-byte rows, 16-byte chunks swizzled by the
-//   row (XOR of row % 8). Mbarriers say when a stage is full (producer -> consumers) and empty (back).
-// - two consumers of 64 query rows each keep the queries in registers as the A operand of S = Q K^T
-//   (wgmma m64n128k16, K-major B) and P, converted from S's accumulators in place (their layout is the A
-//   operand's), as the A operand of O += P V (V transposed). They take turns on the tensor cores (named
-//   barriers): one issues P V of its last tile and S of its next one while the other does its softmax.
-// setmaxnreg moves registers from the producer to the consumers.
+// A CTA is two warpgroups over one work item: 128 query rows ((token, head of the group) pairs,
+// token-major, 64 per warpgroup) of one request and KV head, against a range of its keys. K and V tiles of
+// 128 tokens stream global -> shared with 16-byte cp.async, STAGES deep, laid out as wgmma wants them:
+// 64-dim column blocks of 128-byte rows, 16-byte chunks swizzled by the row (XOR of row % 8), so each tile
+// is read by the tensor cores straight from shared memory with no bank conflicts. The queries stay in
+// registers as the A operand of S = Q K^T (wgmma m64n64k16, K-major B); P, converted from S's
+// accumulators in place (their layout is the A operand's), is the A operand of O += P V (V transposed).
+// (A warp-specialised version, a producer warpgroup on mbarriers feeding two consumer warpgroups that take
+// turns on the tensor cores, measured no faster on the H100: see benchmarks/NOTES.md.)
 #include "attention.cuh"
 
 namespace prefill_sm90 {
 
 using namespace attention;
-constexpr int CONSUMERS = 2;                // warpgroups of 64 query rows
-constexpr int THREADS = (1 + CONSUMERS) * 128;
-constexpr int ROWS = CONSUMERS * 64;       // query rows per CTA
+constexpr int WARPGROUPS = 2;
+constexpr int THREADS = WARPGROUPS * 128;
+constexpr int ROWS = WARPGROUPS * 64;  // query rows per CTA
 constexpr int TILE = 128;              // keys per pipeline stage; plan() splits in multiples of it
 constexpr int ATOM_ROWS = 8;           // rows of one 1024-byte swizzle atom
 
@@ -30,29 +28,10 @@ struct Shape {
   static constexpr int BLOCK_BYTES = TILE * 128;           // one column block of a tile
   static constexpr int TILE_BYTES = BLOCKS * BLOCK_BYTES;  // K or V
   static constexpr int VPR = HEAD_DIM / 8;                 // 16-byte chunks per row
-  static constexpr int ROW_STEP = 128 / VPR;               // rows one pass of the producer's threads covers
+  static constexpr int ROW_STEP = THREADS / VPR;           // rows one pass of the copying threads covers
   static constexpr int CPT = TILE / ROW_STEP;              // rows per thread per tile
   static constexpr int KSTEPS = HEAD_DIM / 16;
 };
-
-// ------------------------------------------------------------------------------------------ sync
-
-__device__ __forceinline__ void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-// Until the barrier's phase of this parity has completed.
-__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
-  asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-               "@!done bra WAIT;\n}" :: "r"(bar), "r"(parity) : "memory");
-}
-// Named barriers 1 and 2 (0 is __syncthreads) pass the tensor cores between the consumers: 256 threads,
-// the 128 of the waiting warpgroup (sync) and the 128 of the other one (arrive). 3 is the producer's own.
-__device__ __forceinline__ void turn_wait(int id) { asm volatile("bar.sync %0, 256;" :: "r"(id) : "memory"); }
-__device__ __forceinline__ void turn_pass(int id) { asm volatile("bar.arrive %0, 256;" :: "r"(id) : "memory"); }
-__device__ __forceinline__ void async_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // ------------------------------------------------------------------------------------------ wgmma
 
@@ -114,44 +93,9 @@ template <> __device__ __forceinline__ void wgmma_64x64<fp16, 1>(float (&d)[32],
                : PI_WGMMA_OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
 }
 
-
-#define PI_WGMMA_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define PI_WGMMA_OUTS64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-
-// The same with N = 128: d[64] holds columns 0..63 as d[0..31] and 64..127 as d[32..63] (the layout of two
-// 64-column results side by side). A 128-column B of V spans two swizzle atoms: `desc` gives their stride.
-template <typename T, int TRANS_B>
-__device__ __forceinline__ void wgmma_64x128(float (&d)[64], const u32 (&a)[4], unsigned long long desc, int accumulate);
-template <> __device__ __forceinline__ void wgmma_64x128<bf16, 0>(float (&d)[64], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " PI_WGMMA_D64
-               ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-               : PI_WGMMA_OUTS64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-template <> __device__ __forceinline__ void wgmma_64x128<bf16, 1>(float (&d)[64], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " PI_WGMMA_D64
-               ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}"
-               : PI_WGMMA_OUTS64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-template <> __device__ __forceinline__ void wgmma_64x128<fp16, 0>(float (&d)[64], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " PI_WGMMA_D64
-               ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-               : PI_WGMMA_OUTS64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-template <> __device__ __forceinline__ void wgmma_64x128<fp16, 1>(float (&d)[64], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " PI_WGMMA_D64
-               ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}"
-               : PI_WGMMA_OUTS64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-
 }  // namespace prefill_sm90
 
 // STAGES and the dynamic shared memory (STAGES * 2 * TILE_BYTES + 1024 for alignment) are chosen by plan().
-// The work items are never split (plan() asks for whole key ranges): the partial-result arguments only keep
-// the signature of decode.cu's kernel, which the same run() launches.
 template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int STAGES, int MASK>
 __global__ void __launch_bounds__(prefill_sm90::THREADS, 1)
 prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
@@ -167,87 +111,24 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
-  static_assert(STAGES >= 2, "a stage filling while another is read");
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
-  const int n_tiles = (it.end - it.begin + TILE - 1) / TILE;
-  const int tid = threadIdx.x, wg = tid / 128;
+  const Request rq = requests[it.req];
+  const int kv_head = blockIdx.x, kv_heads = gridDim.x, q_heads = kv_heads * GROUP;
+  const int row0 = it.row_block * ROWS, q_head0 = kv_head * GROUP;
+  const int prefix = rq.kv_len - rq.qo_len;
+  const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128, warp = (tid / 32) % 4;
+  const int g = lane / 4, t4 = lane % 4;
 
   extern __shared__ unsigned char smem_raw[];
   const u32 smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  __shared__ __align__(8) unsigned long long bars[2 * STAGES];  // full[STAGES], then empty[STAGES]
-  const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES;
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, 128);             // every producer thread, once its copies landed
-      mbar_init(empty0 + 8 * s, CONSUMERS * 128);  // every consumer thread, once its P V read the stage
-    }
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    // ---------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
-    // Thread tid moves 16-byte chunk `vec` of rows crow0 + k * ROW_STEP of every tile, K and V. ROW_STEP
-    // is a multiple of 8: the swizzle of every such row is crow0's.
-    const int vec = tid % S::VPR, crow0 = tid / S::VPR;
-    const i64 head_off = (i64)blockIdx.x * head_stride + vec * 8;
-    const u32 chunk_off = (vec / 8) * S::BLOCK_BYTES + crow0 * 128 + (((vec % 8) ^ (crow0 % ATOM_ROWS)) << 4);
-    // Page ids go through shared memory: thread i loads the id of token i of the next tile (one coalesced
-    // load whose latency hides behind this tile's copies), then each thread reads those of its own rows.
-    __shared__ int tile_pages[2][TILE];
-    auto page_of = [&](int t) {
-      const int token = it.begin + t * TILE + tid;
-      return token < it.end ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
-    };
-    int next_page = page_of(0);
-    for (int t = 0; t < n_tiles; ++t) {
-      const int stage = t % STAGES;
-      tile_pages[t & 1][tid] = next_page;
-      asm volatile("bar.sync 3, 128;" ::: "memory");  // the producer's threads only
-      if (t + 1 < n_tiles) next_page = page_of(t + 1);
-      if (t >= STAGES) mbar_wait(empty0 + 8 * stage, (t / STAGES - 1) & 1);
-      const u32 dst = smem0 + stage * 2 * S::TILE_BYTES + chunk_off;
-#pragma unroll 4
-      for (int k = 0; k < S::CPT; ++k) {
-        const int row = crow0 + k * S::ROW_STEP, token = it.begin + t * TILE + row;
-        const int page = tile_pages[t & 1][row];
-        const bool ok = page >= 0;
-        const i64 off = ok ? (i64)page * page_stride + (i64)(token % PAGE_SIZE) * token_stride : 0;
-        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                     :: "r"(dst + k * S::ROW_STEP * 128), "l"(k_cache + head_off + off), "r"(ok ? 16 : 0) : "memory");
-        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                     :: "r"(dst + k * S::ROW_STEP * 128 + S::TILE_BYTES), "l"(v_cache + head_off + off),
-                        "r"(ok ? 16 : 0) : "memory");
-      }
-      cp_async_commit();
-      // The previous tile's copies have landed: publish them to the tensor cores (async proxy).
-      if (t > 0) {
-        cp_async_wait<1>();
-        async_fence();
-        mbar_arrive(full0 + 8 * ((t - 1) % STAGES));
-      }
-    }
-    cp_async_wait<0>();
-    async_fence();
-    mbar_arrive(full0 + 8 * ((n_tiles - 1) % STAGES));
-    return;
-  }
-
-  // ------------------------------------------------------------------ consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-  const Request rq = requests[it.req];
-  const int kv_head = blockIdx.x, q_heads = gridDim.x * GROUP;
-  const int cw = wg - 1, row0 = it.row_block * ROWS + cw * 64, q_head0 = kv_head * GROUP;
-  const int prefix = rq.kv_len - rq.qo_len;
-  const int lane = tid % 32, warp = (tid / 32) % 4, g = lane / 4, t4 = lane % 4;
 
   // This thread's two rows (g and g + 8 of its warp's 16): query token and head of each.
   int tok[2], head[2];
   bool real[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int r = row0 + warp * 16 + g + 8 * h;
+    const int r = row0 + wg * 64 + warp * 16 + g + 8 * h;
     tok[h] = r / GROUP;
     head[h] = r % GROUP;
     real[h] = tok[h] < rq.qo_len;
@@ -262,9 +143,49 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       qa[ks][h + 2] = real[h] ? *reinterpret_cast<const u32*>(qp + ks * 16 + 8) : 0u;
     }
   }
-  // Keys this warpgroup's rows may see: its first and last query tokens bound the causal diagonal and the
-  // window, so tiles wholly inside need no per-element mask.
-  const int tok_lo = row0 / GROUP, tok_hi = (row0 + 63) / GROUP;
+  // Keys this warpgroup's rows may see: the first and last of its query tokens bound the causal diagonal
+  // and the window, so tiles wholly inside need no per-element mask.
+  const int wg_tok_lo = (row0 + wg * 64) / GROUP, wg_tok_hi = (row0 + wg * 64 + 63) / GROUP;
+  const int n_tiles = (it.end - it.begin + TILE - 1) / TILE;
+
+  // Copies: thread tid moves 16-byte chunk `vec` of rows crow0 + k * ROW_STEP of every tile, K and V.
+  const int vec = tid % S::VPR, crow0 = tid / S::VPR;
+  const i64 head_off = (i64)kv_head * head_stride + vec * 8;
+  const u32 chunk_off = (vec / 8) * S::BLOCK_BYTES + crow0 * 128 + (((vec % 8) ^ (crow0 % ATOM_ROWS)) << 4);
+  auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
+#pragma unroll
+    for (int k = 0; k < S::CPT; ++k) {
+      const int token = it.begin + t * TILE + crow0 + k * S::ROW_STEP;
+      pages[k] = token < it.end ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
+    }
+  };
+  auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {
+    const int first_token = it.begin + t * TILE + crow0;
+    const u32 k_dst = smem0 + stage * 2 * S::TILE_BYTES + chunk_off;
+#pragma unroll
+    for (int k = 0; k < S::CPT; ++k) {
+      const bool ok = pages[k] >= 0;
+      const i64 off = ok ? (i64)pages[k] * page_stride + (i64)((first_token + k * S::ROW_STEP) % PAGE_SIZE) * token_stride
+                         : 0;
+      // ROW_STEP is a multiple of 8: the swizzle of row crow0 + k * ROW_STEP is crow0's.
+      const u32 d = k_dst + k * S::ROW_STEP * 128;
+      asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
+                   :: "r"(d), "l"(k_cache + head_off + off), "r"(ok ? 16 : 0) : "memory");
+      asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
+                   :: "r"(d + S::TILE_BYTES), "l"(v_cache + head_off + off), "r"(ok ? 16 : 0) : "memory");
+    }
+  };
+
+  int pages[S::CPT];
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) {
+      fetch_pages(s, pages);
+      issue_tile(s, s, pages);
+    }
+    cp_async_commit();
+  }
+  if (STAGES - 1 < n_tiles) fetch_pages(STAGES - 1, pages);
 
   float o[S::BLOCKS][32];
 #pragma unroll
@@ -278,9 +199,12 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   auto issue_qk = [&](int t, float (&s)[2][32]) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < S::KSTEPS; ++kk)  // 128 keys = 16 atoms of 8 rows, 1024 bytes apart
-      wgmma_64x128<T, 0>(reinterpret_cast<float(&)[64]>(s), qa[kk],
-                         smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + (kk % 4) * 32, 16, 1024), kk > 0);
+    for (int kk = 0; kk < S::KSTEPS; ++kk)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        wgmma_64x64<T, 0>(s[half], qa[kk],
+                          smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + half * 64 * 128 + (kk % 4) * 32, 16, 1024),
+                          kk > 0);
     wgmma_commit();
   };
   // O += P V for tile t: per k-step 16 keys (two 1024-byte atoms of rows), per 64-dim column block a wgmma.
@@ -289,40 +213,52 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TILE / 16; ++kk) {
-      const u32 v_rows = k_tile(t) + S::TILE_BYTES + kk * 16 * 128;
-      if constexpr (S::BLOCKS == 2)  // both 64-dim column blocks in one instruction: atoms BLOCK_BYTES apart
-        wgmma_64x128<T, 1>(reinterpret_cast<float(&)[64]>(o), pa[kk], smem_desc(v_rows, S::BLOCK_BYTES, 1024), 1);
-      else
-        wgmma_64x64<T, 1>(o[0], pa[kk], smem_desc(v_rows, S::BLOCK_BYTES, 1024), 1);
-    }
+    for (int kk = 0; kk < TILE / 16; ++kk)
+#pragma unroll
+      for (int b = 0; b < S::BLOCKS; ++b)
+        wgmma_64x64<T, 1>(o[b], pa[kk],
+                          smem_desc(k_tile(t) + S::TILE_BYTES + b * S::BLOCK_BYTES + kk * 16 * 128, S::BLOCK_BYTES, 1024),
+                          1);
     wgmma_commit();
   };
+  // Custom mask: tile t's 128 bits of each of the thread's rows as four words, bit k = key first + k.
+  // (plan() pads the mask buffer, so the words past a row's last bit are readable.)
+  auto load_bits = [&](int t, u32 (&bits)[2][4]) {
+    const u32* words = reinterpret_cast<const u32*>(mask_bits);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const i64 bit0 = (i64)rq.mask_offset * 8 + (i64)tok[h] * rq.kv_len + it.begin + t * TILE;
+      const int shift = bit0 & 31;
+      u32 w[5];
+#pragma unroll
+      for (int i = 0; i < 5; ++i) w[i] = real[h] ? __ldg(words + (bit0 >> 5) + i) : 0u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) bits[h][i] = __funnelshift_r(w[i], w[i + 1], shift);
+    }
+  };
+  // Whether any of this thread's rows sees a key of tile t by the custom mask.
+  auto any_bit = [&](int t, const u32 (&bits)[2][4]) {
+    const int valid = min(TILE, it.end - it.begin - t * TILE);
+    u32 any = 0u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = min(32, max(0, valid - 32 * i));  // keys of word i inside the item
+        any |= real[h] ? bits[h][i] & (n == 32 ? ~0u : (1u << n) - 1u) : 0u;
+      }
+    return any != 0u;
+  };
   // Masks, online softmax in base 2 and P = exp2(S - max) as A fragments of tile t; updates m and l and
-  // rescales the output rows for the new maxima.
-  auto softmax = [&](int t, float (&s)[2][32], u32 (&pa)[TILE / 16][4]) {
+  // returns in `rescale` the factor the output rows must take before this tile's P V.
+  auto softmax = [&](int t, float (&s)[2][32], u32 (&pa)[TILE / 16][4], float (&rescale)[2],
+                     const u32 (&bits)[2][4]) {
     pin(s[0]);
     pin(s[1]);
     const int first = it.begin + t * TILE;
-    // Custom mask: this tile's 128 bits of each of the thread's rows as four words, bit k = key first + k.
-    // (plan() pads the mask buffer, so the words past a row's last bit are readable.)
-    u32 bits[2][4];
-    if (MASK == CUSTOM) {
-      const u32* words = reinterpret_cast<const u32*>(mask_bits);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const i64 bit0 = (i64)rq.mask_offset * 8 + (i64)tok[h] * rq.kv_len + first;
-        const int shift = bit0 & 31;
-        u32 w[5];
-#pragma unroll
-        for (int i = 0; i < 5; ++i) w[i] = real[h] ? __ldg(words + (bit0 >> 5) + i) : 0u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) bits[h][i] = __funnelshift_r(w[i], w[i + 1], shift);
-      }
-    }
     const bool edge = MASK == CUSTOM || first + TILE > it.end ||
-                      (MASK == CAUSAL && first + TILE - 1 > prefix + tok_lo) ||
-                      (window_left >= 0 && first < prefix + tok_hi - window_left);
+                      (MASK == CAUSAL && first + TILE - 1 > prefix + wg_tok_lo) ||
+                      (window_left >= 0 && first < prefix + wg_tok_hi - window_left);
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -339,7 +275,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         }
         s[half][i] = x;
       }
-    float rescale[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = NEG_INF;
@@ -366,10 +301,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
           }
       l[h] = l[h] * rescale[h] + sum;
     }
-#pragma unroll
-    for (int b = 0; b < S::BLOCKS; ++b)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) o[b][i] *= rescale[(i / 2) & 1];
     // k-step kk of P V covers keys 16 kk .. 16 kk + 15: the n8 column groups 2 kk and 2 kk + 1 of S.
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; ++kk) {
@@ -380,39 +311,82 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       pa[kk][3] = Half<T>::pack2(c[6], c[7]);
     }
   };
-
-  // Turn k: P V of tile k - 1 and S of tile k go to the tensor cores back to back, then the other consumer
-  // gets them while this one waits for its results and does the softmax of tile k.
-  float s[2][32];
-  u32 pa[TILE / 16][4];
-  if (cw == 1) turn_pass(1);  // consumer 0 starts
-  for (int k = 0; k <= n_tiles; ++k) {
-    if (k < n_tiles) mbar_wait(full0 + 8 * (k % STAGES), (k / STAGES) & 1);
-    turn_wait(1 + cw);
-    if (k > 0) issue_pv(k - 1, pa);
-    if (k < n_tiles) issue_qk(k, s);
-    if (cw == 0 || k < n_tiles) turn_pass(2 - cw);  // consumer 1's last turn has no taker
-    wgmma_wait<0>();
+  auto rescale_o = [&](const float (&rescale)[2]) {
 #pragma unroll
-    for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
-    if (k > 0) mbar_arrive(empty0 + 8 * ((k - 1) % STAGES));
-    if (k < n_tiles) softmax(k, s, pa);
+    for (int b = 0; b < S::BLOCKS; ++b)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o[b][i] *= rescale[(i / 2) & 1];
+  };
+  // Top of iteration t: tile t has landed, and after the barrier every thread is done with the stage the
+  // next copy overwrites; that copy (tile t + STAGES - 1) is issued.
+  auto next_stage = [&](int t) {
+    if (t + STAGES - 1 < n_tiles) issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, pages);
+    cp_async_commit();
+    if (t + STAGES < n_tiles) fetch_pages(t + STAGES, pages);
+  };
+
+  float s[2][32], rescale[2];
+  u32 pa[TILE / 16][4];
+  u32 bits[2][4], next_bits[2][4];  // custom mask words of tiles t and t + 1 (loaded a tile ahead)
+  if (MASK == CUSTOM) load_bits(0, next_bits);
+  for (int t = 0; t < n_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();  // tile t
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> tensor-core reads
+    bool visible = true;
+    if (MASK == CUSTOM) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) bits[h][i] = next_bits[h][i];
+      // A tile no row of the CTA may see by its mask is skipped (e.g. above a causal-shaped mask's diagonal).
+      visible = __syncthreads_or(any_bit(t, bits));
+      if (t + 1 < n_tiles) load_bits(t + 1, next_bits);
+    } else {
+      __syncthreads();
+    }
+    next_stage(t);
+    if (!visible) continue;
+    issue_qk(t, s);
+    wgmma_wait<0>();
+    softmax(t, s, pa, rescale, bits);
+    rescale_o(rescale);
+    issue_pv(t, pa);
+    wgmma_wait<0>();
   }
+#pragma unroll
+  for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
+  cp_async_wait<0>();
 
   // Row sums over the quad that shares a row, then this thread's output columns of rows g and g + 8.
+  const bool whole = it.slot < 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
     if (!real[h]) continue;
-    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f, lse2 = l[h] > 0.f ? m[h] + __log2f(l[h]) : NEG_INF;
+    const int row = wg * 64 + warp * 16 + g + 8 * h;
     const int token = rq.qo_start + tok[h], qh = q_head0 + head[h];
-    u16* dst = out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + 2 * t4;
+    if (whole) {
+      u16* dst = out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + 2 * t4;
 #pragma unroll
-    for (int b = 0; b < S::BLOCKS; ++b)
+      for (int b = 0; b < S::BLOCKS; ++b)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        *reinterpret_cast<u32*>(dst + b * 64 + 8 * j) = Half<T>::pack2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
-    if (lse != nullptr && t4 == 0) lse[(i64)token * q_heads + qh] = l[h] > 0.f ? (m[h] + __log2f(l[h])) * LN2 : NEG_INF;
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<u32*>(dst + b * 64 + 8 * j) = Half<T>::pack2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
+      if (lse != nullptr && t4 == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
+    } else {
+      const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
+      float* dst = partial_o + at * HEAD_DIM + 2 * t4;
+#pragma unroll
+      for (int b = 0; b < S::BLOCKS; ++b)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float2*>(dst + b * 64 + 8 * j) = make_float2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
+      if (t4 == 0) partial_lse[at] = lse2;
+    }
   }
+  if (whole || !last_chunk(it, counters, kv_head, kv_heads)) return;
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, min(ROWS, rq.qo_len * GROUP - row0), kv_head, kv_heads,
+                                         partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }

@@ -24,21 +24,18 @@ from .paged import csr_page_table
 from .validate import check_shape, check_tensor, fail
 
 MAX_QO_LEN = 32768
-# Mirrors kernels/prefill_sm90.cu: a producer and two consumer warpgroups of 64 query rows, 128-key tiles of
-# 128-byte swizzled rows, one CTA per multiprocessor, work items never split.
+# Mirrors kernels/prefill_sm90.cu: two warpgroups of 64 query rows, 128-key tiles of 128-byte swizzled rows.
 SM90_HEAD_DIMS = (64, 128)
-_SM90_THREADS = 384
+_SM90_THREADS = 256
 _SM90_ROWS = 128
 _SM90_TILE = 128
-_SM90_SMEM = 200 * 1024  # K/V stages
-_NEVER_SPLIT = 1 << 30   # min_chunk longer than any request: one item per work unit
+_SM90_SMEM = 200 * 1024  # K/V stages; one CTA per multiprocessor (the registers allow no second)
 
 
 def _sm90_stages(head_dim: int) -> tuple[int, int]:
-    """Pipeline depth (as many stages of a K and a V tile as fit, 3 to 6) and dynamic shared memory (+1 KB
-    to align)."""
+    """Pipeline depth (2-4 stages of a K and a V tile) and dynamic shared memory (+1 KB to align)."""
     stage_bytes = 2 * _SM90_TILE * head_dim * 2
-    stages = max(3, min(6, _SM90_SMEM // stage_bytes))
+    stages = max(2, min(4, _SM90_SMEM // stage_bytes))
     return stages, stages * stage_bytes + 1024
 
 
@@ -52,7 +49,7 @@ def prefill_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft
     """The Hopper kernel where it applies (see the module docstring), else the decode kernel."""
     if hopper and head_dim in SM90_HEAD_DIMS and max_tokens * group > 64:
         return KernelSpec("prefill_sm90.cu", sm90_kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, mask),
-                          _SM90_THREADS, _SM90_ROWS, _SM90_TILE, _NEVER_SPLIT, _sm90_stages(head_dim)[1])
+                          _SM90_THREADS, _SM90_ROWS, _SM90_TILE, _SM90_TILE, _sm90_stages(head_dim)[1])
     return decode_spec(dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask)
 
 
