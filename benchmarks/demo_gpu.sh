@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the air-gapped GPU host: `pagedinfer demo` (vLLM, CUSTOM vs TRITON_ATTN), or the per-step profile of
+# vLLM decode (benchmarks/profile_vllm_step.py, CUSTOM and TRITON_ATTN, --fast). Carry one piece of
+# .bundle/vllm per call (see bundle_install.sh: exit 2 while pieces are missing); the call that completes the
+# bundle, and every later one while the machine stays warm, runs the job. Logs and JSON go to $OUT.
+#   bash benchmarks/demo_gpu.sh demo|profile
+set -uo pipefail
+job=${1:-demo}
+line=$(bash benchmarks/bundle_install.sh vllm) || exit $?
+eval "$line"
+export PAGEDINFER_CACHE_DIR=${PAGEDINFER_CACHE_DIR:-/tmp/pagedinfer-cache}
+OUT=${OUT:-/tmp/pagedinfer-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+if [ "$job" = demo ]; then
+  timeout "${DEMO_TIMEOUT:-540}" python3 -m pagedinfer.cli demo > "$OUT/demo.log" 2>&1
+  echo "pagedinfer demo: exit $?"
+  grep -v -E "^(INFO|WARNING|DEBUG)|^\(EngineCore|^\[|it/s\]|^$" "$OUT/demo.log" | tail -40
+else
+  model=$(python3 -c "from pagedinfer.models import smollm2_path; print(smollm2_path(progress=lambda m: None))")
+  for backend in CUSTOM TRITON_ATTN; do
+    timeout 240 python3 benchmarks/profile_vllm_step.py --model "$model" --backend "$backend" --fast \
+      --out "$OUT/profile-$backend.json" > "$OUT/profile-$backend.log" 2>&1
+    echo "$backend: exit $?"
+    tail -12 "$OUT/profile-$backend.log"
+  done
+fi
