@@ -228,7 +228,7 @@ class DecodeWrapper:
             need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
                         ids=0 if host_ids is None else host_ids.numel(), mask=mask_bytes + 32)
         if capacity > 65535:  # the grid's y dimension
-            fail("qo_indptr", "at most 65535 work items of 64 query rows per plan (split the batch)", capacity)
+            fail("qo_indptr", f"at most 65535 work items of {block} query rows per plan (split the batch)", capacity)
         if mask_bytes + 32 > need["mask"]:  # 32 bytes of padding: kernels read masks in whole words
             fail("tree_mask", f"at most {need['mask'] - 32} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
         self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block))
