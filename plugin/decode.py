@@ -115,6 +115,7 @@ class DecodeWrapper:
         self.max_qo_len = max_qo_len  # query tokens per request the CUDA-graph buffers are sized for
         self.workspace = workspace
         self._plan = None
+        self._configs: dict = {}  # see _config
         self._buffers = None  # device buffers, grown in eager mode, fixed in CUDA-graph mode
         self._staging = planning.HostStaging()
         self._caches = CacheArgs(kv_layout)
@@ -169,16 +170,6 @@ class DecodeWrapper:
         """The plan shared by decode, verify and prefill: request i has qo_lens[i] query tokens from row
         qo_starts[i] of q, the last qo_lens[i] keys of its KV being their own. `mask_bits` (uint8 on the
         device) holds the packed tree or custom masks, request i's at byte mask_offsets[i]."""
-        kv_dtype = q_dtype if kv_dtype is None else kv_dtype
-        check_head_dim("head_dim", head_dim)
-        group = check_group(num_qo_heads, num_kv_heads)
-        if q_dtype not in HALF_DTYPES:
-            fail("q_dtype", "torch.float16 or torch.bfloat16", q_dtype)
-        if kv_dtype != q_dtype:
-            fail("kv_dtype", f"the query dtype {q_dtype}", kv_dtype)
-        scale = check_sm_scale(sm_scale, head_dim)
-        cap = check_soft_cap(logits_soft_cap)
-        window = check_window(window_left)
         batch = table.batch_size
         lens, row_starts = self._host_lengths(table, kv_lens_host, indptr_host)
         if lens.min() < 1:
@@ -188,12 +179,10 @@ class DecodeWrapper:
                  f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         prefix = lens - qo_lens
         max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
-        spec = self._kernel_spec(_DTYPE_TAGS[q_dtype], head_dim, group, table.page_size, cap > 0, max_tokens, mask)
+        group, scale, cap, window, spec, kernel, target = self._config(
+            q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, table.page_size, sm_scale, logits_soft_cap,
+            window_left, max_tokens, mask)
         block = spec.rows
-        from .kernels import get_kernel
-        kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
 
         # Work units: (request, block of `block` query rows), each over the keys its rows can see.
         blocks = -(-qo_lens * group // block)
@@ -247,6 +236,33 @@ class DecodeWrapper:
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
                        np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
             keep_alive=page_ids)  # the kernel reads these page ids by address
+
+    def _config(self, q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, page_size, sm_scale, logits_soft_cap,
+                window_left, max_tokens, mask) -> tuple:
+        """The checked arguments, kernel and wave size of a plan: the same every step of an engine, so worked
+        out once per combination (plan() runs on the host before every step)."""
+        key = (q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, page_size, sm_scale, logits_soft_cap,
+               window_left, max_tokens, mask)
+        hit = self._configs.get(key)
+        if hit is not None:
+            return hit
+        kv_dtype = q_dtype if kv_dtype is None else kv_dtype
+        check_head_dim("head_dim", head_dim)
+        group = check_group(num_qo_heads, num_kv_heads)
+        if q_dtype not in HALF_DTYPES:
+            fail("q_dtype", "torch.float16 or torch.bfloat16", q_dtype)
+        if kv_dtype != q_dtype:
+            fail("kv_dtype", f"the query dtype {q_dtype}", kv_dtype)
+        scale = check_sm_scale(sm_scale, head_dim)
+        cap = check_soft_cap(logits_soft_cap)
+        window = check_window(window_left)
+        spec = self._kernel_spec(_DTYPE_TAGS[q_dtype], head_dim, group, page_size, cap > 0, max_tokens, mask)
+        from .kernels import get_kernel
+        kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
+        self._configs[key] = (group, scale, cap, window, spec, kernel, target)
+        return self._configs[key]
 
     def _kernel_spec(self, dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool,
                      max_tokens: int, mask: int) -> KernelSpec:
@@ -313,9 +329,10 @@ class DecodeWrapper:
                 fail("table", f"at most max_pages={self.max_pages} page ids", ids.numel())
         end = ids_at + host_ids.numel() if host_ids is not None else req_at + requests.size
         host = self._staging.take(end)
-        host[0] = work.num_items
-        host[planning.ITEM_INTS:planning.ITEM_INTS * (1 + work.num_items)] = torch.from_numpy(work.items.reshape(-1))
-        host[req_at:req_at + requests.size] = torch.from_numpy(requests.reshape(-1))
+        view = host.numpy()  # the pinned buffer's memory: numpy slice stores cost less than torch's
+        view[0] = work.num_items
+        view[planning.ITEM_INTS:planning.ITEM_INTS * (1 + work.num_items)] = work.items.reshape(-1)
+        view[req_at:req_at + requests.size] = requests.reshape(-1)
         if host_ids is not None:
             host[ids_at:end] = host_ids
         b["work"][:end].copy_(host, non_blocking=True)

@@ -48,6 +48,11 @@ def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv
     else:
         lo = max(1, -(-(min_chunk or tile) // tile))       # chunk length in tiles
         hi = max(lo, -(-int(lens.max()) // tile))
+        # No shorter chunk fits: the chunks of any length c number at least sum(lens) / (c * tile). That
+        # bound usually fits already, which spares the search its numpy calls (plan() runs every step).
+        lo = min(hi, max(lo, -(-int(lens.sum()) // (tile * budget))))
+        if int((-(-lens // (lo * tile))).sum()) <= budget:
+            hi = lo
         while lo < hi:
             mid = (lo + hi) // 2
             if int((-(-lens // (mid * tile))).sum()) <= budget:

@@ -66,3 +66,22 @@ def test_carve_buffers_from_a_caller_workspace():
         plan.carve_buffers([("a", 10, torch.int32), ("b", 3, torch.float32)], "cpu", ws[:300])
     with pytest.raises(ValueError, match="workspace: expected a contiguous 1-D uint8 tensor"):
         plan.carve_buffers([("a", 10, torch.int32)], "cpu", torch.zeros(100, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_chunk_is_the_shortest_that_fits_the_wave(seed):
+    """The chunk length split_kv picks (before equalising a request's chunks) is the smallest whole number
+    of tiles, at least min_chunk, whose chunk count fits the wave: checked by trying every length."""
+    rng = np.random.default_rng(seed)
+    batch, kv_heads, tile, target = int(rng.integers(1, 30)), int(rng.choice([1, 3, 8])), 64, 264
+    lens = rng.integers(1, int(rng.choice([300, 5000, 60000])), batch)
+    budget = target // kv_heads
+    work = plan.split_kv(np.zeros(batch, int), np.zeros(batch, int), lens, kv_heads=kv_heads, tile=tile,
+                         target_ctas=target, min_chunk=128)
+    if batch >= budget:
+        assert work.num_items == batch
+        return
+    fits = [c for c in range(2, -(-int(lens.max()) // tile) + 2) if (-(-lens // (c * tile))).sum() <= budget]
+    shortest = min(fits)
+    chunks = np.maximum(1, -(-lens // (shortest * tile)))
+    assert work.num_items == int(np.maximum(1, -(-lens // (-(-(-(-lens // chunks)) // tile) * tile))).sum())
