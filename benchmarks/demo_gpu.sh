@@ -6,12 +6,9 @@
 #   bash benchmarks/demo_gpu.sh demo|profile
 set -uo pipefail
 job=${1:-demo}
-line=$(bash benchmarks/bundle_install.sh vllm) || exit $?
-eval "$line"
-export PAGEDINFER_CACHE_DIR=${PAGEDINFER_CACHE_DIR:-/tmp/pagedinfer-cache}
+source benchmarks/engine_env.sh vllm
 OUT=${OUT:-/tmp/pagedinfer-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 if [ "$job" = demo ]; then
   timeout "${DEMO_TIMEOUT:-540}" python3 -m pagedinfer.cli demo > "$OUT/demo.log" 2>&1
   echo "pagedinfer demo: exit $?"

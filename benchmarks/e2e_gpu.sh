@@ -7,10 +7,7 @@
 set -uo pipefail
 engine=$1
 budget=${2:-480}
-line=$(bash benchmarks/bundle_install.sh "$engine") || exit $?
-eval "$line"
-export PAGEDINFER_CACHE_DIR=${PAGEDINFER_CACHE_DIR:-/tmp/pagedinfer-cache}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+source benchmarks/engine_env.sh "$engine"
 # A state tarball from an earlier machine (carried as .e2e-state/, see e2e.py copy_raw): resume from it.
 if [ -f ".e2e-state/e2e-$engine-state.tar.gz" ] && [ ! -d "/tmp/e2e-$engine" ]; then
   mkdir -p "/tmp/e2e-$engine" && tar -xzf ".e2e-state/e2e-$engine-state.tar.gz" -C "/tmp/e2e-$engine"

@@ -26,6 +26,32 @@ struct Request {
 
 enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
 
+// The K/V pipeline of a kernel that streams tiles of keys through STAGES shared-memory stages: `fetch(t,
+// pages)` reads the page ids of tile t into registers, `issue(t, stage, pages)` starts its copies. Page ids
+// are fetched one tile ahead of their copies, so their latency hides behind a tile of compute.
+// Before the loop: the first STAGES - 1 tiles in flight (one commit group each) and the next one's page ids.
+template <int STAGES, typename Pages, typename Fetch, typename Issue>
+__device__ __forceinline__ void pipeline_start(int n_tiles, Pages& pages, Fetch fetch, Issue issue) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) {
+      fetch(s, pages);
+      issue(s, s, pages);
+    }
+    cp_async_commit();
+  }
+  if (STAGES - 1 < n_tiles) fetch(STAGES - 1, pages);
+}
+
+// At the top of iteration t, once every thread is done with tile t - 1's stage: its copy (tile
+// t + STAGES - 1) starts, and the page ids of the tile after it are fetched.
+template <int STAGES, typename Pages, typename Fetch, typename Issue>
+__device__ __forceinline__ void pipeline_next(int t, int n_tiles, Pages& pages, Fetch fetch, Issue issue) {
+  if (t + STAGES - 1 < n_tiles) issue(t + STAGES - 1, (t + STAGES - 1) % STAGES, pages);
+  cp_async_commit();
+  if (t + STAGES < n_tiles) fetch(t + STAGES, pages);
+}
+
 // Bit (token * kv_len + key) of a request's packed custom mask.
 __device__ __forceinline__ bool custom_bit(const unsigned char* mask, int offset, int kv_len, int token, int key) {
   const i64 bit = (i64)token * kv_len + key;

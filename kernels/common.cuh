@@ -74,9 +74,13 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 // 16-byte global->shared copy that bypasses L1; with valid == false the destination is zero-filled. The L2
 // is asked to fetch the whole 128-byte line: the neighbouring vectors are read by the same tile (measured on
 // an H100: +3% decode bandwidth at large batch).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
+// `dst` as a shared-memory address (smem_addr), for kernels that lay tiles out by byte offset.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid = true) {
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+               :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
+  cp_async16(smem_addr(dst), src, valid);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }

@@ -127,8 +127,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
   u16* const dst0 = tiles + crow0 * S::PITCH + vec * 8;
-  // Page ids of this thread's rows for one tile (-1 past the end). They are fetched one iteration before
-  // the copies that use them, so their latency hides behind a tile of compute instead of stalling it.
+  // Page ids of this thread's rows for one tile (-1 past the end); see pipeline_start.
   auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
@@ -153,15 +152,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   };
 
   int pages[S::CPT];
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) {
-      fetch_pages(s, pages);
-      issue_tile(s, s, pages);
-    }
-    cp_async_commit();
-  }
-  if (STAGES - 1 < n_tiles) fetch_pages(STAGES - 1, pages);
+  pipeline_start<STAGES>(n_tiles, pages, fetch_pages, issue_tile);
 
   float o[S::NTILES][4];
 #pragma unroll
@@ -175,9 +166,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (t + STAGES - 1 < n_tiles) issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, pages);
-    cp_async_commit();
-    if (t + STAGES < n_tiles) fetch_pages(t + STAGES, pages);
+    pipeline_next<STAGES>(t, n_tiles, pages, fetch_pages, issue_tile);
 
 #pragma unroll
     for (int step = 0; step < M_TILES; ++step) {

@@ -65,32 +65,21 @@ __device__ __forceinline__ void pin(float (&d)[32]) {
 // d[64 x 64] (+)= a[64 x 16] (registers) * b[16 x 64] (shared memory, descriptor), fp32 accumulate.
 // TRANS_B: b is stored N-major (V), else K-major (K). d's layout per warp (rows 16 w .. 16 w + 15): d[4j],
 // d[4j+1] at row lane/4, columns 8j + 2(lane%4) + {0, 1}; d[4j+2], d[4j+3] at row lane/4 + 8.
-template <typename T, int TRANS_B>
-__device__ __forceinline__ void wgmma_64x64(float (&d)[32], const u32 (&a)[4], unsigned long long desc, int accumulate);
-
-template <> __device__ __forceinline__ void wgmma_64x64<bf16, 0>(float (&d)[32], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " PI_WGMMA_D32
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
-               : PI_WGMMA_OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+#define PI_WGMMA_64X64(TYPE)                                                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                              \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " PI_WGMMA_D32                 \
+               ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}"                                             \
+               : PI_WGMMA_OUTS(d)                                                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B))
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_64x64(bf16, float (&d)[32], const u32 (&a)[4], unsigned long long desc,
+                                            int accumulate) {
+  PI_WGMMA_64X64("bf16");
 }
-template <> __device__ __forceinline__ void wgmma_64x64<bf16, 1>(float (&d)[32], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " PI_WGMMA_D32
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}"
-               : PI_WGMMA_OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-template <> __device__ __forceinline__ void wgmma_64x64<fp16, 0>(float (&d)[32], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " PI_WGMMA_D32
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
-               : PI_WGMMA_OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-template <> __device__ __forceinline__ void wgmma_64x64<fp16, 1>(float (&d)[32], const u32 (&a)[4], unsigned long long desc, int accumulate) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " PI_WGMMA_D32
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}"
-               : PI_WGMMA_OUTS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_64x64(fp16, float (&d)[32], const u32 (&a)[4], unsigned long long desc,
+                                            int accumulate) {
+  PI_WGMMA_64X64("f16");
 }
 
 }  // namespace prefill_sm90
@@ -169,23 +158,13 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
                          : 0;
       // ROW_STEP is a multiple of 8: the swizzle of row crow0 + k * ROW_STEP is crow0's.
       const u32 d = k_dst + k * S::ROW_STEP * 128;
-      asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                   :: "r"(d), "l"(k_cache + head_off + off), "r"(ok ? 16 : 0) : "memory");
-      asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                   :: "r"(d + S::TILE_BYTES), "l"(v_cache + head_off + off), "r"(ok ? 16 : 0) : "memory");
+      cp_async16(d, k_cache + head_off + off, ok);
+      cp_async16(d + S::TILE_BYTES, v_cache + head_off + off, ok);
     }
   };
 
   int pages[S::CPT];
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) {
-      fetch_pages(s, pages);
-      issue_tile(s, s, pages);
-    }
-    cp_async_commit();
-  }
-  if (STAGES - 1 < n_tiles) fetch_pages(STAGES - 1, pages);
+  pipeline_start<STAGES>(n_tiles, pages, fetch_pages, issue_tile);
 
   float o[S::BLOCKS][32];
 #pragma unroll
@@ -202,9 +181,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     for (int kk = 0; kk < S::KSTEPS; ++kk)
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        wgmma_64x64<T, 0>(s[half], qa[kk],
-                          smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + half * 64 * 128 + (kk % 4) * 32, 16, 1024),
-                          kk > 0);
+        wgmma_64x64<0>(T(), s[half], qa[kk],
+                       smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + half * 64 * 128 + (kk % 4) * 32, 16, 1024),
+                       kk > 0);
     wgmma_commit();
   };
   // O += P V for tile t: per k-step 16 keys (two 1024-byte atoms of rows), per 64-dim column block a wgmma.
@@ -216,9 +195,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     for (int kk = 0; kk < TILE / 16; ++kk)
 #pragma unroll
       for (int b = 0; b < S::BLOCKS; ++b)
-        wgmma_64x64<T, 1>(o[b], pa[kk],
-                          smem_desc(k_tile(t) + S::TILE_BYTES + b * S::BLOCK_BYTES + kk * 16 * 128, S::BLOCK_BYTES, 1024),
-                          1);
+        wgmma_64x64<1>(T(), o[b], pa[kk],
+                       smem_desc(k_tile(t) + S::TILE_BYTES + b * S::BLOCK_BYTES + kk * 16 * 128, S::BLOCK_BYTES, 1024),
+                       1);
     wgmma_commit();
   };
   // Custom mask: tile t's 128 bits of each of the thread's rows as four words, bit k = key first + k.
@@ -317,14 +296,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
 #pragma unroll
       for (int i = 0; i < 32; ++i) o[b][i] *= rescale[(i / 2) & 1];
   };
-  // Top of iteration t: tile t has landed, and after the barrier every thread is done with the stage the
-  // next copy overwrites; that copy (tile t + STAGES - 1) is issued.
-  auto next_stage = [&](int t) {
-    if (t + STAGES - 1 < n_tiles) issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES, pages);
-    cp_async_commit();
-    if (t + STAGES < n_tiles) fetch_pages(t + STAGES, pages);
-  };
-
   float s[2][32], rescale[2];
   u32 pa[TILE / 16][4];
   u32 bits[2][4], next_bits[2][4];  // custom mask words of tiles t and t + 1 (loaded a tile ahead)
@@ -344,7 +315,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     } else {
       __syncthreads();
     }
-    next_stage(t);
+    pipeline_next<STAGES>(t, n_tiles, pages, fetch_pages, issue_tile);
     if (!visible) continue;
     issue_qk(t, s);
     wgmma_wait<0>();
