@@ -180,21 +180,20 @@ class PagedInferMetadataBuilder(AttentionMetadataBuilder[PagedInferMetadata]):
             raise ValueError("pagedinfer: requests without query tokens must come last (padding)")
         if reqs == 0:
             return PagedInferMetadata([])
-        lens = self._host_seq_lens(m, reqs)
         long = qo_lens[:reqs] > self.reorder_batch_threshold
         decodes = int(np.argmax(long)) if long.any() else reqs
         if not long[decodes:].all():
             decodes = 0  # not ordered decodes-first: the prefill kernel takes every request
-        return PagedInferMetadata([self._plan_part(m, starts, qo_lens, lens, lo, hi, prefill=lo == decodes)
+        return PagedInferMetadata([self._plan_part(m, starts, qo_lens, lo, hi, prefill=lo == decodes)
                                    for lo, hi in ((0, decodes), (decodes, reqs)) if lo < hi])
 
-    def _host_seq_lens(self, m: CommonAttentionMetadata, reqs: int) -> torch.Tensor:
+    def _host_seq_lens(self, m: CommonAttentionMetadata, lo: int, hi: int) -> torch.Tensor:
         bound = m.seq_lens_cpu_upper_bound
         if self.exact_host_lens and bound is not None:
-            return bound[:reqs].to(torch.int32)
-        return m.seq_lens[:reqs].to("cpu", torch.int32)  # one sync: the device lengths are the exact ones
+            return bound[lo:hi].to(torch.int32)
+        return m.seq_lens[lo:hi].to("cpu", torch.int32)  # one sync: the device lengths are the exact ones
 
-    def _plan_part(self, m, starts, qo_lens, lens, lo: int, hi: int, prefill: bool) -> _Part:
+    def _plan_part(self, m, starts, qo_lens, lo: int, hi: int, prefill: bool) -> _Part:
         qo_indptr = torch.from_numpy((starts[lo:hi + 1] - starts[lo]).astype(np.int32))
         table = block_page_table(m.block_table_tensor[lo:hi], m.seq_lens[lo:hi], self.page_size)
         if self.device.type == "cpu" or m.block_table_tensor.device.type == "cpu":
@@ -207,7 +206,9 @@ class PagedInferMetadataBuilder(AttentionMetadataBuilder[PagedInferMetadata]):
         else:
             kind = "decode" if longest == 1 else "verify"
         wrapper = self._wrapper(kind, m.block_table_tensor)
-        args = dict(q_dtype=self.dtype, kv_dtype=self.dtype, kv_lens_host=lens[lo:hi],
+        # The graph wrapper plans on the device, from the exact lengths there (vLLM's; not checked again).
+        lens = None if kind == "graph" else self._host_seq_lens(m, lo, hi)
+        args = dict(q_dtype=self.dtype, kv_dtype=self.dtype, kv_lens_host=lens,
                     sm_scale=self.params["sm_scale"], logits_soft_cap=self.params["logits_soft_cap"],
                     window_left=self.params["window_left"])
         heads = (self.num_qo_heads, self.num_kv_heads, self.head_dim)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # On the air-gapped GPU host: `pagedinfer demo` (vLLM, CUSTOM vs TRITON_ATTN), or the per-step profile of
-# vLLM decode (benchmarks/profile_vllm_step.py, CUSTOM and TRITON_ATTN, --fast). Carry one piece of
+# vLLM decode (benchmarks/profile_vllm_step.py, CUSTOM and TRITON_ATTN). Carry one piece of
 # .bundle/vllm per call (see bundle_install.sh: exit 2 while pieces are missing); the call that completes the
 # bundle, and every later one while the machine stays warm, runs the job. Logs and JSON go to $OUT.
-#   bash benchmarks/demo_gpu.sh demo|profile
+#   bash benchmarks/demo_gpu.sh demo
+#   bash benchmarks/demo_gpu.sh profile [profile_vllm_step.py arguments; default --fast]
 set -uo pipefail
 job=${1:-demo}
+shift
+profile_args=${*:---fast}
 source benchmarks/engine_env.sh vllm
 OUT=${OUT:-/tmp/pagedinfer-out}
 mkdir -p "$OUT"
@@ -16,9 +19,9 @@ if [ "$job" = demo ]; then
 else
   model=$(python3 -c "from pagedinfer.models import smollm2_path; print(smollm2_path(progress=lambda m: None))")
   for backend in CUSTOM TRITON_ATTN; do
-    timeout 240 python3 benchmarks/profile_vllm_step.py --model "$model" --backend "$backend" --fast \
+    timeout 270 python3 benchmarks/profile_vllm_step.py --model "$model" --backend "$backend" $profile_args \
       --out "$OUT/profile-$backend.json" > "$OUT/profile-$backend.log" 2>&1
     echo "$backend: exit $?"
-    tail -12 "$OUT/profile-$backend.log"
+    grep -A40 '^{' "$OUT/profile-$backend.log" | grep -v -E "^\[|Warning"
   done
 fi

@@ -8,9 +8,10 @@ decode latency is derived), writing <state>/<run>.json and <run>.log. Per model 
 a Llama-3-8B-shaped model with random weights and 2 layers) the built-in reference runs first (vLLM
 TRITON_ATTN, SGLang triton: its greedy continuations are what the others score), then the second built-in
 (FLASH_ATTN, flashinfer: its disagreement with the reference is the floor), then ours: with n-gram
-speculation, with CUDA graphs (also scoring the speculative run's continuations), without graphs; then the
-throughput-only built-ins (vLLM: FLASHINFER). Last, a `serve` check: an OpenAI chat completion over HTTP on
-loopback from the engine's server with our backend.
+speculation, with CUDA graphs (also scoring the speculative run's continuations); without graphs the
+reference, the second built-in and ours again (an eager model's numerics are not a compiled one's, so eager
+is judged against eager); then the throughput-only built-ins (vLLM: FLASHINFER). Last, a `serve` check: an
+OpenAI chat completion over HTTP on loopback from the engine's server with our backend.
 
 Resumable: runs whose JSON is in --state are not run again (a failed run is). Before a run starts, its
 estimated time must fit in what is left of --budget seconds, else the script stops with exit code 3 and
@@ -77,9 +78,14 @@ def runs(engine: str, throughput: bool = True) -> list[Run]:
         base, floor, ours = (f"{model}-{b}" for b in (p.base, p.floor, p.ours))
         out += [Run(base, model, p.base, 150), Run(floor, model, p.floor, floor_s, score=(base,))]
         if model == "smollm2":
+            # without graphs the engine runs the model eagerly (unfused norms, rotary...): built-ins too
             out += [Run(f"{ours}-ngram", model, p.ours, 120, ngram=True, throughput=False),
                     Run(ours, model, p.ours, 80, score=(base, f"{ours}-ngram")),
-                    Run(f"{ours}-eager", model, p.ours, 50, eager=True, score=(base,), throughput=False)]
+                    Run(f"{base}-eager", model, p.base, 50, eager=True, throughput=False),
+                    Run(f"{floor}-eager", model, p.floor, 50, eager=True, score=(f"{base}-eager",),
+                        throughput=False),
+                    Run(f"{ours}-eager", model, p.ours, 50, eager=True, score=(f"{base}-eager",),
+                        throughput=False)]
         else:
             out.append(Run(ours, model, p.ours, 80, score=(base,)))
         if throughput:
@@ -98,13 +104,14 @@ class Check:
     model: str
     greedy: bool = True     # also judge (b): meaningless on random weights
     spec: bool = False
+    mode: str = ""          # "-eager": reference and floor are the built-ins' runs without graphs
 
 
 def checks(engine: str) -> list[Check]:
     p = PLANS[engine]
     s, l = "smollm2", "llama8b"
     return [Check(f"{s} {p.ours} graphs", f"{s}-{p.ours}", f"{s}-{p.base}", s),
-            Check(f"{s} {p.ours} eager", f"{s}-{p.ours}-eager", f"{s}-{p.base}", s),
+            Check(f"{s} {p.ours} eager", f"{s}-{p.ours}-eager", f"{s}-{p.base}-eager", s, mode="-eager"),
             Check(f"{s} {p.ours} ngram", f"{s}-{p.ours}-ngram", f"{s}-{p.ours}", s, spec=True),
             Check(f"{l} {p.ours} graphs", f"{l}-{p.ours}", f"{l}-{p.base}", l, greedy=False)]
 
@@ -131,7 +138,8 @@ def _load(state: Path, name: str) -> dict | None:
 def _judge_check(engine: str, c: Check, state: Path) -> dict[str, tuple]:
     """{kind: (passed, detail)}; passed is None when an input run is not in the state yet."""
     p = PLANS[engine]
-    names = {"ours": c.ours, "ref": c.ref, "base": f"{c.model}-{p.base}", "floor": f"{c.model}-{p.floor}"}
+    names = {"ours": c.ours, "ref": c.ref, "base": f"{c.model}-{p.base}{c.mode}",
+             "floor": f"{c.model}-{p.floor}{c.mode}"}
     docs = {k: _load(state, n) for k, n in names.items()}
     for key, doc in docs.items():
         if doc is None or "error" in doc:

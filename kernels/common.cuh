@@ -13,6 +13,7 @@ struct fp16 {};
 template <typename T> struct Half;
 
 template <> struct Half<bf16> {
+  static constexpr bool COARSE = true;  // 8 significant bits: see the P.V remainder in decode.cu
   // bf16 is the top half of an fp32: widening is a shift.
   static __device__ __forceinline__ float2 unpack2(u32 x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
@@ -25,6 +26,7 @@ template <> struct Half<bf16> {
 };
 
 template <> struct Half<fp16> {
+  static constexpr bool COARSE = false;  // 11 significant bits
   static __device__ __forceinline__ float2 unpack2(u32 x) {
     float lo, hi;
     asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"

@@ -228,14 +228,27 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
             l[h] += p;
           }
       }
-      const u32 pa[4] = {Half<T>::pack2(s[0][0], s[0][1]), Half<T>::pack2(s[0][2], s[0][3]),
-                         Half<T>::pack2(s[1][0], s[1][1]), Half<T>::pack2(s[1][2], s[1][3])};
+      // P as the A operand, and for bf16 also what rounding P to 8 bits left over: V takes both, so the
+      // output carries P at fp32 accuracy (backends that round P differ from each other by that rounding).
+      // The second MMA is free while the kernel waits on memory (up to 2 row tiles; with 4 it cost 8%).
+      u32 pa[4], pr[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float x = s[i / 2][2 * (i % 2)], y = s[i / 2][2 * (i % 2) + 1];
+        pa[i] = Half<T>::pack2(x, y);
+        const float2 kept = Half<T>::unpack2(pa[i]);
+        pr[i] = Half<T>::pack2(x - kept.x, y - kept.y);
+      }
 #pragma unroll
       for (int kk = 0; kk < S::KSTEPS; ++kk) {
         u32 b[4];
         ldmatrix_x4_trans(b, vs + v_row * S::PITCH + kk * 16 + v_col);
         mma_16816<T>(o[2 * kk], pa, b[0], b[1]);
         mma_16816<T>(o[2 * kk + 1], pa, b[2], b[3]);
+        if (Half<T>::COARSE && M_TILES < 4) {
+          mma_16816<T>(o[2 * kk], pr, b[0], b[1]);
+          mma_16816<T>(o[2 * kk + 1], pr, b[2], b[3]);
+        }
       }
     }
   }

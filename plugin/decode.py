@@ -9,7 +9,9 @@
 GPU) and sends it, with the page ids when they come from the host, to the device in one copy. `run` makes
 no host decision and allocates nothing but the outputs it is not given, so it can be captured in a CUDA
 graph. With `use_cuda_graph=True` every device buffer has a fixed address and the grid a fixed size, so a
-graph captured once stays correct after any later `plan` that fits the capacities.
+graph captured once stays correct after any later `plan` that fits the capacities. In that mode a uniform
+batch over a block table on the GPU (what engines capture) is planned by a kernel from the lengths on the
+device: no host work list, no copy, no device->host read.
 """
 from __future__ import annotations
 
@@ -171,20 +173,61 @@ class DecodeWrapper:
         qo_starts[i] of q, the last qo_lens[i] keys of its KV being their own. `mask_bits` (uint8 on the
         device) holds the packed tree or custom masks, request i's at byte mask_offsets[i]."""
         batch = table.batch_size
-        lens, row_starts = self._host_lengths(table, kv_lens_host, indptr_host)
-        if lens.min() < 1:
-            fail("kv lengths", "every request holding at least one token", int(lens.min()))
-        if bool((qo_lens > lens).any()):
-            fail("qo_indptr", "at most kv_len query tokens per request (their keys are in the cache)",
-                 f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
-        prefix = lens - qo_lens
+        on_device = self._plans_on_device(table, qo_lens, mask)
+        if on_device:
+            lens = None if kv_lens_host is None else self._host_lengths(table, kv_lens_host, indptr_host)[0]
+        else:
+            lens, row_starts = self._host_lengths(table, kv_lens_host, indptr_host)
+        if lens is not None:
+            if lens.min() < 1:
+                fail("kv lengths", "every request holding at least one token", int(lens.min()))
+            if bool((qo_lens > lens).any()):
+                fail("qo_indptr", "at most kv_len query tokens per request (their keys are in the cache)",
+                     f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
         group, scale, cap, window, spec, kernel, target = self._config(
             q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, table.page_size, sm_scale, logits_soft_cap,
             window_left, max_tokens, mask)
-        block = spec.rows
+        shape = (num_qo_heads, num_kv_heads, head_dim, spec.rows)
+        if on_device:
+            capacity = self._graph_buffers(group, spec, num_kv_heads, target, shape, 0)
+            page_ids = self._plan_on_device(table, int(qo_lens[0]), group, spec, target // num_kv_heads, window,
+                                            mask)
+        else:
+            work, requests = self._work_list(qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads,
+                                             target, window, mask, mask_offsets)
+            page_ids_dev, host_ids = self._page_ids_source(table)
+            mask_bytes = 0 if mask_bits is None else mask_bits.numel()
+            if self.use_cuda_graph:
+                capacity = self._graph_buffers(group, spec, num_kv_heads, target, shape, mask_bytes)
+            else:
+                capacity = work.num_items
+                self._check_capacity(capacity, spec.rows)
+                self._ensure_buffers(dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
+                                          ids=0 if host_ids is None else host_ids.numel(), mask=mask_bytes + 32),
+                                     shape)
+            page_ids = self._upload(work, requests, host_ids, page_ids_dev)
+            if mask_bits is not None:
+                self._buffers["mask"][:mask_bytes].copy_(mask_bits, non_blocking=True)
 
-        # Work units: (request, block of `block` query rows), each over the keys its rows can see.
+        b = self._buffers
+        qk_scale = scale / cap if cap > 0 else scale * LOG2E
+        ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
+        self._plan = dict(
+            kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
+            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem,
+            work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
+            tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
+                       np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
+            keep_alive=page_ids)  # the kernel reads these page ids by address
+
+    def _work_list(self, qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads, target, window, mask,
+                   mask_offsets) -> tuple[planning.WorkList, np.ndarray]:
+        """Work units (request, block of `spec.rows` query rows), each over the keys its rows can see, cut
+        into items by split_kv; and the per-request table."""
+        batch, block = qo_lens.shape[0], spec.rows
+        prefix = lens - qo_lens
         blocks = -(-qo_lens * group // block)
         unit_req = np.repeat(np.arange(batch), blocks)
         unit_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -204,38 +247,47 @@ class DecodeWrapper:
                                      work.num_slots)
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
+        return work, requests
 
-        page_ids_dev, host_ids = self._page_ids_source(table)
-        mask_bytes = 0 if mask_bits is None else mask_bits.numel()
-        if self.use_cuda_graph:
-            units = self.max_batch_size * -(-self.max_qo_len * group // block)
-            capacity = planning.max_items(units, num_kv_heads, target)
-            need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
-                        mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 32)  # byte-aligned segments
-        else:
-            capacity = work.num_items
-            need = dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
-                        ids=0 if host_ids is None else host_ids.numel(), mask=mask_bytes + 32)
-        if capacity > 65535:  # the grid's y dimension
-            fail("qo_indptr", f"at most 65535 work items of {block} query rows per plan (split the batch)", capacity)
+    def _graph_buffers(self, group, spec, num_kv_heads, target, shape, mask_bytes: int) -> int:
+        """CUDA-graph mode: the fixed buffers, sized for the capacities; returns the grid's item count."""
+        units = self.max_batch_size * -(-self.max_qo_len * group // spec.rows)
+        capacity = planning.max_items(units, num_kv_heads, target)
+        self._check_capacity(capacity, spec.rows)
+        need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
+                    mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 32)  # byte-aligned segments
         if mask_bytes + 32 > need["mask"]:  # 32 bytes of padding: kernels read masks in whole words
             fail("tree_mask", f"at most {need['mask'] - 32} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
-        self._ensure_buffers(need, (num_qo_heads, num_kv_heads, head_dim, block))
-        page_ids = self._upload(work, requests, host_ids, page_ids_dev)
-        b = self._buffers
-        if mask_bits is not None:
-            b["mask"][:mask_bytes].copy_(mask_bits, non_blocking=True)
+        self._ensure_buffers(need, shape)
+        return capacity
 
-        qk_scale = scale / cap if cap > 0 else scale * LOG2E
-        ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
-        self._plan = dict(
-            kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
-            head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
-            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem,
-            work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
-            tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
-                       np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
-            keep_alive=page_ids)  # the kernel reads these page ids by address
+    @staticmethod
+    def _check_capacity(capacity: int, rows: int) -> None:
+        if capacity > 65535:  # the grid's y dimension
+            fail("qo_indptr", f"at most 65535 work items of {rows} query rows per plan (split the batch)", capacity)
+
+    def _plans_on_device(self, table, qo_lens: np.ndarray, mask: int) -> bool:
+        """CUDA-graph steps of uniform batches over a block table on the GPU (what engines capture) are
+        planned by a kernel that reads the lengths on the device: no host work list, no copy, no sync."""
+        return (self.use_cuda_graph and not self.LONGEST_FIRST and mask in (NO_MASK, CAUSAL)
+                and isinstance(table, BlockTable) and table.block_table.device == self.device
+                and table.block_table.dtype == table.seq_lens.dtype == torch.int32 and table.seq_lens.is_contiguous()
+                and bool(qo_lens.min() == qo_lens.max()))
+
+    def _plan_on_device(self, table: BlockTable, qo_len: int, group: int, spec: KernelSpec, budget: int,
+                        window: int, mask: int) -> torch.Tensor:
+        """Launches plan.cu's plan_uniform: items, requests and the used page ids into the fixed buffers."""
+        bt = table.block_table
+        if table.batch_size * bt.stride(0) > self.max_pages:
+            fail("table", f"at most max_pages={self.max_pages} page ids", table.batch_size * bt.stride(0))
+        b = self._buffers
+        ids_at = self._requests_at() + 4 * b["need"]["requests"]
+        page_ids = b["work"][ids_at:]
+        planning.plan_on_device(self.device, table.seq_lens, bt, qo_len=qo_len, group=group, rows=spec.rows,
+                                page_size=table.page_size, tile=spec.tile, min_chunk=spec.min_chunk,
+                                budget=budget, window_left=window, causal=mask == CAUSAL, work=b["work"],
+                                requests_at=self._requests_at(), page_ids=page_ids)
+        return page_ids
 
     def _config(self, q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, page_size, sm_scale, logits_soft_cap,
                 window_left, max_tokens, mask) -> tuple:

@@ -209,7 +209,8 @@ def test_uniform_decode_replays_in_a_cuda_graph_after_a_new_plan(engine):
     builder = _builder(config, backend, "cuda")
     builder.graph_batch = 8  # what vLLM's capture sizes give when full CUDA graphs are on
     first = Batch([(1 + SPEC, 40 + 9 * i) for i in range(6)], "cuda", gen, num_blocks, pad_reqs=2)
-    layer.kv_cache = cache = _kv_cache(backend, num_blocks, "cuda")
+    with set_current_vllm_config(config):  # the KV-cache layout is read from it
+        layer.kv_cache = cache = _kv_cache(backend, num_blocks, "cuda")
     contexts = lambda batch, metadata: set_forward_context(  # noqa: E731
         {name: metadata for name in NAMES}, config, slot_mapping={name: batch.slot_mapping for name in NAMES})
     metadata = builder.build(0, first.meta)

@@ -7,7 +7,8 @@ import pytest
 from pagedinfer import kernels
 
 # The op modules that launch kernels; each lists its instantiations in SPECIALIZATIONS.
-OP_MODULES = ["pagedinfer.cache", "pagedinfer.decode", "pagedinfer.prefill"]  # verify launches decode.cu
+# verify launches decode.cu
+OP_MODULES = ["pagedinfer.cache", "pagedinfer.decode", "pagedinfer.plan", "pagedinfer.prefill"]
 
 
 def all_specializations():

@@ -85,3 +85,54 @@ def test_chunk_is_the_shortest_that_fits_the_wave(seed):
     shortest = min(fits)
     chunks = np.maximum(1, -(-lens // (shortest * tile)))
     assert work.num_items == int(np.maximum(1, -(-lens // (-(-(-(-lens // chunks)) // tile) * tile))).sum())
+
+
+def _plan_contents(wrapper, batch, lens, page_size, width):
+    """(item count, items, requests, the used page ids of each request) from a wrapper's device buffers."""
+    work = wrapper._buffers["work"].cpu()
+    n = int(work[0])
+    req_at = wrapper._requests_at()
+    ids_at = req_at + 4 * wrapper._buffers["need"]["requests"]
+    used = [work[ids_at + i * width: ids_at + i * width + -(-int(lens[i]) // page_size)].tolist()
+            for i in range(batch)]
+    return n, work[8:8 + 8 * n].view(n, 8), work[req_at:req_at + 4 * batch].view(batch, 4), used
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(60))
+def test_device_plan_equals_host_plan(seed):
+    """CUDA-graph plans of uniform batches run on the GPU (kernels/plan.cu): the same items, requests and page
+    ids as the host plan of the same lengths (strided lengths keep a wrapper on the host path)."""
+    from pagedinfer.decode import DecodeWrapper
+    from pagedinfer.paged import block_page_table
+    from pagedinfer.verify import VerifyWrapper
+    rng = np.random.default_rng(seed)
+    qo_len = 1 if seed % 2 else int(rng.integers(1, 17))
+    batch = int(rng.choice([1, 2, 3, 7, 30, 64, 200]))
+    kv_heads, group = int(rng.choice([1, 2, 3, 8])), int(rng.choice([1, 3, 4, 8]))
+    page_size = int(rng.choice([1, 16, 64]))
+    lens = rng.integers(qo_len, int(rng.choice([300, 5000, 40000])), batch)
+    width = -(-int(lens.max()) // page_size) + int(rng.integers(0, 3))
+    ids = torch.randint(0, 1 << 20, (batch, width), dtype=torch.int32, device="cuda")
+    window = int(rng.integers(0, 3000)) if rng.random() < 0.3 else -1
+    max_batch = batch + int(rng.integers(0, 5))
+    contents = []
+    for stride in (1, 2):
+        seq_lens = torch.tensor(np.repeat(lens, stride), dtype=torch.int32, device="cuda")[::stride]
+        table = block_page_table(ids, seq_lens, page_size)
+        args = dict(max_batch_size=max_batch, max_pages=max_batch * width)
+        if qo_len == 1:
+            wrapper = DecodeWrapper("cuda", use_cuda_graph=True, **args)
+            plan_once = lambda: wrapper.plan(table, group * kv_heads, kv_heads, 128, window_left=window)  # noqa: E731
+        else:
+            wrapper = VerifyWrapper("cuda", use_cuda_graph=True, max_qo_len=16, **args)
+            qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * qo_len
+            plan_once = lambda: wrapper.plan(qo_indptr, table, group * kv_heads, kv_heads, 128,  # noqa: E731
+                                             window_left=window)
+        plan_once()
+        wrapper._buffers["work"].fill_(-7)  # a second plan into poisoned buffers writes all it needs
+        plan_once()
+        contents.append(_plan_contents(wrapper, batch, lens, page_size, width))
+    (n, items, requests, used), (n_host, items_host, requests_host, used_host) = contents
+    assert n == n_host and torch.equal(items, items_host) and torch.equal(requests, requests_host)
+    assert used == used_host == [ids[i, :len(u)].tolist() for i, u in enumerate(used)]
