@@ -20,6 +20,9 @@ constexpr int WARPGROUPS = 2;
 constexpr int THREADS = WARPGROUPS * 128;
 constexpr int ROWS = WARPGROUPS * 64;  // query rows per CTA
 constexpr int TILE = 128;              // keys per pipeline stage; plan() splits in multiples of it
+
+// A compile-time flag as a value: a generic lambda called with Flag<true>() and Flag<false>() is two copies.
+template <bool B> struct Flag { static constexpr bool value = B; };
 constexpr int ATOM_ROWS = 8;           // rows of one 1024-byte swizzle atom
 
 template <int HEAD_DIM>
@@ -145,17 +148,20 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       const int token = it.begin + t * TILE + crow0 + k * S::ROW_STEP;
-      pages[k] = token < it.end ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
+      pages[k] = token < it.end ? page_ids[it.row_start + (u32)token / PAGE_SIZE] : -1;  // u32: a shift
     }
   };
   auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {
-    const int first_token = it.begin + t * TILE + crow0;
+    const u32 first_token = it.begin + t * TILE + crow0;
     const u32 k_dst = smem0 + stage * 2 * S::TILE_BYTES + chunk_off;
+    // Slot in the page: the same for every row of the thread when ROW_STEP is a multiple of PAGE_SIZE.
+    const i64 first_slot_off = (i64)(first_token % PAGE_SIZE) * token_stride;
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       const bool ok = pages[k] >= 0;
-      const i64 off = ok ? (i64)pages[k] * page_stride + (i64)((first_token + k * S::ROW_STEP) % PAGE_SIZE) * token_stride
-                         : 0;
+      const i64 slot_off = S::ROW_STEP % PAGE_SIZE == 0 ? first_slot_off
+                                                        : (i64)((first_token + k * S::ROW_STEP) % PAGE_SIZE) * token_stride;
+      const i64 off = ok ? (i64)pages[k] * page_stride + slot_off : 0;
       // ROW_STEP is a multiple of 8: the swizzle of row crow0 + k * ROW_STEP is crow0's.
       const u32 d = k_dst + k * S::ROW_STEP * 128;
       cp_async16(d, k_cache + head_off + off, ok);
@@ -228,23 +234,30 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       }
     return any != 0u;
   };
+  // Whether tile t needs the per-element mask in this warpgroup: past the item's end, across the causal
+  // diagonal or the window start of its rows, or a custom mask.
+  auto is_edge = [&](int t) {
+    const int first = it.begin + t * TILE;
+    return MASK == CUSTOM || first + TILE > it.end || (MASK == CAUSAL && first + TILE - 1 > prefix + wg_tok_lo) ||
+           (window_left >= 0 && first < prefix + wg_tok_hi - window_left);
+  };
   // Masks, online softmax in base 2 and P = exp2(S - max) as A fragments of tile t; updates m and l and
-  // returns in `rescale` the factor the output rows must take before this tile's P V.
-  auto softmax = [&](int t, float (&s)[2][32], u32 (&pa)[TILE / 16][4], float (&rescale)[2],
+  // returns in `rescale` the factor the output rows must take before this tile's P V. `edge` (Flag<true>
+  // or Flag<false>) makes two copies: the tiles inside the mask carry no masking instructions at all. The
+  // scale goes into the max and the exponent's FFMA rather than a multiply per element (without soft cap).
+  auto softmax = [&](auto edge, int t, float (&s)[2][32], u32 (&pa)[TILE / 16][4], float (&rescale)[2],
                      const u32 (&bits)[2][4]) {
     pin(s[0]);
     pin(s[1]);
     const int first = it.begin + t * TILE;
-    const bool edge = MASK == CUSTOM || first + TILE > it.end ||
-                      (MASK == CAUSAL && first + TILE - 1 > prefix + wg_tok_lo) ||
-                      (window_left >= 0 && first < prefix + wg_tok_hi - window_left);
+    const float scale = SOFT_CAP ? 1.f : qk_scale;  // what s must still be multiplied by
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
-        float x = s[half][i] * qk_scale;
-        if (SOFT_CAP) x = cap_log2 * (1.f - 2.f / (1.f + fast_exp2(x * 2.885390081777927f)));  // tanh
-        if (edge) {
+        float x = s[half][i];
+        if (SOFT_CAP) x = cap_log2 * (1.f - 2.f / (1.f + fast_exp2(x * qk_scale * 2.885390081777927f)));  // tanh
+        if (decltype(edge)::value) {
           const int key = first + half * 64 + 8 * (i / 4) + 2 * t4 + (i & 1), h = (i / 2) & 1;
           bool visible = key < it.end && (window_left < 0 || key >= prefix + tok[h] - window_left);
           if (MASK == CAUSAL) visible = visible && key <= prefix + tok[h];
@@ -263,7 +276,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[half][4 * j + 2 * h], s[half][4 * j + 2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
+      const float m_new = fmaxf(m[h], mx * scale);  // scale > 0: the max of the scaled row
       const float base = m_new == NEG_INF ? 0.f : m_new;  // no (-inf) - (-inf) before any visible key
       rescale[h] = fast_exp2(m[h] - base);
       m[h] = m_new;
@@ -274,7 +287,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = fast_exp2(s[half][4 * j + 2 * h + e] - base);
+            const float p = fast_exp2(fmaf(s[half][4 * j + 2 * h + e], scale, -base));
             s[half][4 * j + 2 * h + e] = p;
             sum += p;
           }
@@ -319,7 +332,8 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     if (!visible) continue;
     issue_qk(t, s);
     wgmma_wait<0>();
-    softmax(t, s, pa, rescale, bits);
+    if (is_edge(t)) softmax(Flag<true>(), t, s, pa, rescale, bits);
+    else softmax(Flag<false>(), t, s, pa, rescale, bits);
     rescale_o(rescale);
     issue_pv(t, pa);
     wgmma_wait<0>();
