@@ -281,8 +281,7 @@ class DecodeWrapper:
         if table.batch_size * bt.stride(0) > self.max_pages:
             fail("table", f"at most max_pages={self.max_pages} page ids", table.batch_size * bt.stride(0))
         b = self._buffers
-        ids_at = self._requests_at() + 4 * b["need"]["requests"]
-        page_ids = b["work"][ids_at:]
+        page_ids = b["work"][self._ids_at():]
         planning.plan_on_device(self.device, table.seq_lens, bt, qo_len=qo_len, group=group, rows=spec.rows,
                                 page_size=table.page_size, tile=spec.tile, min_chunk=spec.min_chunk,
                                 budget=budget, window_left=window, causal=mask == CAUSAL, work=b["work"],
@@ -370,12 +369,15 @@ class DecodeWrapper:
     def _requests_at(self) -> int:
         return planning.ITEM_INTS * (1 + self._buffers["need"]["items"])
 
+    def _ids_at(self) -> int:
+        """Where the page ids a plan uploads or copies start in the work buffer, after the requests."""
+        return self._requests_at() + 4 * self._buffers["need"]["requests"]
+
     def _upload(self, work: planning.WorkList, requests: np.ndarray, host_ids, page_ids_dev):
         """One copy: [item count | items | requests | host page ids] -> the device work buffer. Returns the
         page ids the kernel reads."""
         b = self._buffers
-        req_at = self._requests_at()
-        ids_at = req_at + 4 * b["need"]["requests"]
+        req_at, ids_at = self._requests_at(), self._ids_at()
         for ids in (host_ids, page_ids_dev):
             if ids is not None and self.use_cuda_graph and ids.numel() > self.max_pages:
                 fail("table", f"at most max_pages={self.max_pages} page ids", ids.numel())

@@ -91,8 +91,7 @@ def _plan_contents(wrapper, batch, lens, page_size, width):
     """(item count, items, requests, the used page ids of each request) from a wrapper's device buffers."""
     work = wrapper._buffers["work"].cpu()
     n = int(work[0])
-    req_at = wrapper._requests_at()
-    ids_at = req_at + 4 * wrapper._buffers["need"]["requests"]
+    req_at, ids_at = wrapper._requests_at(), wrapper._ids_at()
     used = [work[ids_at + i * width: ids_at + i * width + -(-int(lens[i]) // page_size)].tolist()
             for i in range(batch)]
     return n, work[8:8 + 8 * n].view(n, 8), work[req_at:req_at + 4 * batch].view(batch, 4), used
