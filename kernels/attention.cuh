@@ -10,7 +10,7 @@ constexpr float LN2 = 0.6931471805599453f;
 
 // Work item, 8 ints, written by plan(): the request, where its page ids start, its key range, where a split
 // key range keeps its partial results, and which rows.
-struct Item {
+struct __align__(16) Item {  // two 16-byte loads
   int req, row_start, begin, end;
   int slot;        // partial slot of this chunk, or -1 when the item is the whole key range
   int first_slot;  // first partial slot of its (request, row block); also names its merge counter
@@ -20,7 +20,7 @@ struct Item {
 
 // Per request: where its query tokens start in q/out, how many there are, its KV length (its own tokens
 // included, at the end) and the byte offset of its packed tree or custom mask.
-struct Request {
+struct __align__(16) Request {
   int qo_start, qo_len, kv_len, mask_offset;
 };
 
@@ -30,14 +30,16 @@ enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
 // pages)` reads the page ids of tile t into registers, `issue(t, stage, pages)` starts its copies. Page ids
 // are fetched one tile ahead of their copies, so their latency hides behind a tile of compute.
 // Before the loop: the first STAGES - 1 tiles in flight (one commit group each) and the next one's page ids.
+// Their page ids are read all at once: a short request's time is mostly such chains of dependent loads.
 template <int STAGES, typename Pages, typename Fetch, typename Issue>
 __device__ __forceinline__ void pipeline_start(int n_tiles, Pages& pages, Fetch fetch, Issue issue) {
+  Pages first[STAGES - 1];
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < n_tiles) fetch(s, first[s]);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) {
-      fetch(s, pages);
-      issue(s, s, pages);
-    }
+    if (s < n_tiles) issue(s, s, first[s]);
     cp_async_commit();
   }
   if (STAGES - 1 < n_tiles) fetch(STAGES - 1, pages);

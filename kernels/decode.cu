@@ -38,12 +38,18 @@ __device__ __forceinline__ u32 tree_row(const unsigned char* mask, int offset, i
 template <int HEAD_DIM>
 struct Shape {
   static constexpr int VPR = HEAD_DIM / 8;                          // 16-byte vectors per K/V row
-  static constexpr int PITCH = HEAD_DIM + 8;                        // padded rows: ldmatrix is conflict-free
+  // Rows of whole 128-byte lines keep them whole in shared memory, their 16-byte vectors permuted (XOR with
+  // the row mod 8), so that ldmatrix is conflict-free: padding the rows instead made cp.async read ~1.5x the
+  // L2 sectors it needed (Nsight Compute). 80 and 96 (rows of 160 and 192 bytes) stay padded.
+  static constexpr bool SWIZZLE = HEAD_DIM % 64 == 0;
+  static constexpr int PITCH = SWIZZLE ? HEAD_DIM : HEAD_DIM + 8;
   static constexpr int STAGE_ELEMS = 2 * TILE * PITCH;              // K then V
   static constexpr int ROW_STEP = THREADS / VPR;                   // rows one pass of the copying threads covers
   static constexpr int CPT = (TILE + ROW_STEP - 1) / ROW_STEP;      // (K, V) rows per copying thread per stage
   static constexpr int KSTEPS = HEAD_DIM / 16;
   static constexpr int NTILES = HEAD_DIM / 8;
+  // Element offset of vector `v` of row `r` in a K or V tile.
+  static __device__ __forceinline__ int at(int r, int v) { return r * PITCH + (SWIZZLE ? v ^ (r & 7) : v) * 8; }
 };
 
 }  // namespace decode_detail
@@ -72,8 +78,11 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   constexpr int ROWS = M_TILES * 16;         // query rows of this CTA
   constexpr int PARTS = WARPS / M_TILES;     // warps on one row tile, each on its own tokens of a stage
   constexpr int SPAN = TILE / PARTS;         // tokens of a stage per warp: M_TILES steps of 16
-  if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
+  // CUDA-graph mode launches the largest grid the buffers allow; the item is read beside the count (the
+  // buffer holds the whole grid), one load latency less before the page ids.
+  const int active = *num_items;
   const Item it = items[blockIdx.y];
+  if (blockIdx.y >= active) return;
   const Request rq = requests[it.req];
   const int kv_head = blockIdx.x, kv_heads = gridDim.x, q_heads = kv_heads * GROUP;
   const int row0 = it.row_block * ROWS;
@@ -83,7 +92,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const int g = lane / 4, t4 = lane % 4;     // mma fragment coordinates: row group and column pair
   const int mt = warp % M_TILES, part = warp / M_TILES;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // whole 128-byte lines (see Shape)
   u16* tiles = reinterpret_cast<u16*>(smem_raw);
 
   // This thread's two fragment rows (g and g + 8 of its tile): query token and head of each.
@@ -126,7 +135,6 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const int crow0 = tid / S::VPR;
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
-  u16* const dst0 = tiles + crow0 * S::PITCH + vec * 8;
   // Page ids of this thread's rows for one tile (-1 past the end); see pipeline_start.
   auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
 #pragma unroll
@@ -144,7 +152,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
         const bool ok = pages[k] >= 0;
         const i64 off = ok ? (i64)pages[k] * page_stride +
                                  (i64)((first_token + k * ROW_STEP) % PAGE_SIZE) * token_stride : 0;
-        u16* d = dst0 + stage * S::STAGE_ELEMS + k * ROW_STEP * S::PITCH;
+        u16* d = tiles + stage * S::STAGE_ELEMS + S::at(crow0 + k * ROW_STEP, vec);
         cp_async16(d, k_src + off, ok);
         cp_async16(d + TILE * S::PITCH, v_src + off, ok);
       }
@@ -159,9 +167,9 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   for (int n = 0; n < S::NTILES; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows g and g + 8
 
-  // ldmatrix row addresses of this lane inside a warp's 16-token step (see the fragment layouts above).
-  const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
-  const int v_row = lane % 8 + ((lane / 8) % 2) * 8, v_col = (lane / 16) * 8;
+  // ldmatrix rows and vectors of this lane inside a warp's 16-token step (see the fragment layouts above).
+  const int k_row = lane % 8 + (lane / 16) * 8, k_vec = (lane / 8) % 2;
+  const int v_row = lane % 8 + ((lane / 8) % 2) * 8, v_vec = lane / 16;
 
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<STAGES - 2>();
@@ -180,7 +188,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 #pragma unroll
       for (int kk = 0; kk < S::KSTEPS; ++kk) {
         u32 b[4];
-        ldmatrix_x4(b, ks + k_row * S::PITCH + kk * 16 + k_col);
+        ldmatrix_x4(b, ks + S::at(k_row, 2 * kk + k_vec));
         mma_16816<T>(s[0], qa[kk], b[0], b[1]);
         mma_16816<T>(s[1], qa[kk], b[2], b[3]);
       }
@@ -242,7 +250,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 #pragma unroll
       for (int kk = 0; kk < S::KSTEPS; ++kk) {
         u32 b[4];
-        ldmatrix_x4_trans(b, vs + v_row * S::PITCH + kk * 16 + v_col);
+        ldmatrix_x4_trans(b, vs + S::at(v_row, 2 * kk + v_vec));
         mma_16816<T>(o[2 * kk], pa, b[0], b[1]);
         mma_16816<T>(o[2 * kk + 1], pa, b[2], b[3]);
         if (Half<T>::COARSE && M_TILES < 4) {

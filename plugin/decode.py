@@ -28,7 +28,7 @@ from .validate import (HALF_DTYPES, check_group, check_head_dim, check_shape, ch
 
 LOG2E = 1.4426950408889634
 _DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Mirrors kernels/decode.cu: 4 warps, 64-token tiles, rows padded by 8 elements.
+# Mirrors kernels/decode.cu: 4 warps, 64-token tiles.
 _THREADS = 128
 _TILE = 64
 _SMEM_PER_CTA = 110 * 1024  # two CTAs per multiprocessor where the head dim allows
@@ -36,8 +36,10 @@ _MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fix
 
 
 def _stages(head_dim: int) -> tuple[int, int]:
-    """Pipeline depth and dynamic shared memory: as many 64-token K+V stages (2-4) as fit the budget."""
-    stage_bytes = 2 * _TILE * (head_dim + 8) * 2
+    """Pipeline depth and dynamic shared memory: as many 64-token K+V stages (2-4) as fit the budget. Rows of
+    whole 128-byte lines are stored as they are (swizzled), others padded by 8 elements (kernels/decode.cu)."""
+    pitch = head_dim if head_dim % 64 == 0 else head_dim + 8
+    stage_bytes = 2 * _TILE * pitch * 2
     stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
     return stages, stages * stage_bytes
 

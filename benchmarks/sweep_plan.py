@@ -1,0 +1,103 @@
+"""How plan()'s split choices change decode and verify times: the wave size (target CTAs) scaled by each
+`--mult`, and the shortest chunk by each `--min-chunk`, on the shapes where the split matters. Ours only, by
+default; `--flashinfer` adds FlashInfer's best in the same run. Prints one table and writes
+sweep_plan.json to $OUT.
+
+    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--flashinfer]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+
+from pagedinfer import bench
+from pagedinfer.decode import DecodeWrapper
+from pagedinfer.paged import csr_page_table
+from pagedinfer.verify import VerifyWrapper
+
+DECODE = [((32, 8, 128), b, n) for b, n in [(1, 2048), (1, 32768), (4, 8192), (64, 8192), (256, 4096), (128, 16384)]]
+DECODE += [((9, 3, 64), 1, 2048)]
+VERIFY = [((32, 8, 128), b, d, n) for b, d, n in [(64, 4, 2048), (16, 16, 8192), (1, 8, 32768)]]
+
+
+def patched(cls, mult: float, min_chunk: int | None):
+    """A subclass whose plans use `mult` times the wave size and the given shortest chunk."""
+    class Patched(cls):
+        def _config(self, *args):
+            group, scale, cap, window, spec, kernel, target = super()._config(*args)
+            if min_chunk:
+                spec = dataclasses.replace(spec, min_chunk=min_chunk)
+            return group, scale, cap, window, spec, kernel, max(1, int(target * mult))
+    return Patched
+
+
+def decode_us(heads, batch, kv_len, cls):
+    q_heads, kv_heads, head_dim = heads
+    kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
+    q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    table = csr_page_table(indptr, ids, last, bench.PAGE)
+    wrapper = cls("cuda", use_cuda_graph=True, max_batch_size=batch, max_pages=ids.numel())
+    wrapper.plan(table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(), indptr_host=indptr.cpu())
+    out = torch.empty_like(q)
+    return bench.graph_us(lambda: wrapper.run(q, kv, out=out)), (kv, ids, indptr, last, q)
+
+
+def verify_us(heads, batch, drafts, kv_len, cls):
+    q_heads, kv_heads, head_dim = heads
+    kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
+    q = torch.randn(batch * drafts, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    table = csr_page_table(indptr, ids, last, bench.PAGE)
+    qo_indptr = torch.arange(0, batch + 1, dtype=torch.int32) * drafts
+    wrapper = cls("cuda")
+    wrapper.plan(qo_indptr, table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(),
+                 indptr_host=indptr.cpu())
+    return bench._timed_run(wrapper, q, kv)[1], (kv, ids, indptr, last, q)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mult", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
+    p.add_argument("--min-chunk", type=int, nargs="+", default=[128])
+    p.add_argument("--flashinfer", action="store_true")
+    p.add_argument("--ops", nargs="+", default=["decode", "verify"])
+    args = p.parse_args()
+    rows = []
+    variants = [(m, c) for m in args.mult for c in args.min_chunk]
+    cases = ([("decode", *c) for c in DECODE] if "decode" in args.ops else []) + \
+            ([("verify", *c) for c in VERIFY] if "verify" in args.ops else [])
+    workspace = bench._workspace("flashinfer") if args.flashinfer else None
+    for op, heads, *size in cases:
+        times, inputs = {}, None
+        for v in variants:
+            if op == "decode":
+                times[v], inputs = decode_us(heads, *size, patched(DecodeWrapper, *v))
+            else:
+                times[v], inputs = verify_us(heads, *size, patched(VerifyWrapper, *v))
+        fi = None
+        if args.flashinfer:
+            kv, ids, indptr, last, q = inputs
+            if op == "decode":
+                fi = bench._decode_flashinfer(heads, kv, ids, indptr, last, q, workspace)[0]["graph"][1]
+            else:
+                fi = bench._verify_flashinfer(heads, kv, ids, indptr, last, q, size[1], size[2], None, "fa2",
+                                              workspace)[1]
+        label = f"{op} {'/'.join(map(str, heads))} {'x'.join(map(str, size))}"
+        rows.append(dict(label=label, flashinfer_us=fi, times={"/".join(map(str, v)): t for v, t in times.items()}))
+        del inputs
+        torch.cuda.empty_cache()
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "sweep_plan.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    keys = ["/".join(map(str, v)) for v in variants]
+    print(f"{'case (us; mult/min_chunk)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))
+    for r in rows:
+        fi = f"{r['flashinfer_us']:8.1f}" if r["flashinfer_us"] else f"{'-':>8s}"
+        print(f"{r['label']:34s} {fi} " + " ".join(f"{r['times'][k]:9.1f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
