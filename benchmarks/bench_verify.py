@@ -4,7 +4,7 @@ pages randomly permuted, NHD). Eager timings (triton do_bench median). GB/s coun
 Writes verify.json (benchmarks/results format) and verify.png to $OUT.
 The code is `pagedinfer.bench` (also run by `pagedinfer bench --preset verify`).
 
-    python benchmarks/bench_verify.py [--skip-anchor]
+    python benchmarks/bench_verify.py [--shapes 64x4x2048,1x8x32768] [--skip-anchor]
 """
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ from pagedinfer.bench_cases import PRESETS  # noqa: E402
 
 
 def main():
-    anchor = "flashinfer" if flashinfer_wanted(anchor_parser().parse_args()) else None
-    report("verify" if anchor else "verify-pagedinfer-only", "verify", run_verify(PRESETS["verify"], anchor))
+    parser = anchor_parser()
+    parser.add_argument("--shapes", default="", help="comma-separated BxDxL filter, e.g. 64x4x2048,1x8x32768")
+    args = parser.parse_args()
+    wanted = args.shapes.split(",") if args.shapes else None
+    cases = [(heads, [size for size in sizes if not wanted or "x".join(map(str, size)) in wanted])
+             for heads, sizes in PRESETS["verify"]]
+    anchor = "flashinfer" if flashinfer_wanted(args) else None
+    report("verify" if anchor else "verify-pagedinfer-only", "verify", run_verify(cases, anchor))
 
 
 if __name__ == "__main__":
