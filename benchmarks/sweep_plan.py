@@ -1,9 +1,9 @@
-"""How plan()'s split choices change decode and verify times: the wave size (target CTAs) scaled by each
-`--mult`, and the shortest chunk by each `--min-chunk`, on the shapes where the split matters. Ours only, by
-default; `--flashinfer` adds FlashInfer's best in the same run. Prints one table and writes
-sweep_plan.json to $OUT.
+"""How plan()'s choices change decode and verify times: the wave size (target CTAs) scaled by each `--mult`,
+the shortest chunk by each `--min-chunk`, and the pipeline depth of decode.cu by each `--stages` (fewer stages,
+more CTAs per SM), on the shapes where they matter. Ours only, by default; `--flashinfer` adds FlashInfer's
+best in the same run. Prints one table and writes sweep_plan.json to $OUT.
 
-    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--flashinfer]
+    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ops verify] [--flashinfer]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import torch
 
 from pagedinfer import bench
+from pagedinfer import decode as decode_module
 from pagedinfer.decode import DecodeWrapper
 from pagedinfer.paged import csr_page_table
 from pagedinfer.verify import VerifyWrapper
@@ -24,11 +25,17 @@ DECODE += [((9, 3, 64), 1, 2048)]
 VERIFY = [((32, 8, 128), b, d, n) for b, d, n in [(64, 4, 2048), (16, 16, 8192), (1, 8, 32768)]]
 
 
-def patched(cls, mult: float, min_chunk: int | None):
-    """A subclass whose plans use `mult` times the wave size and the given shortest chunk."""
+def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
+    """A subclass whose plans use `mult` times the wave size, the given shortest chunk and pipeline depth."""
     class Patched(cls):
         def _config(self, *args):
-            group, scale, cap, window, spec, kernel, target = super()._config(*args)
+            real = decode_module._stages
+            if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
+                decode_module._stages = lambda head_dim: (stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
+            try:
+                group, scale, cap, window, spec, kernel, target = super()._config(*args)
+            finally:
+                decode_module._stages = real
             if min_chunk:
                 spec = dataclasses.replace(spec, min_chunk=min_chunk)
             return group, scale, cap, window, spec, kernel, max(1, int(target * mult))
@@ -62,11 +69,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mult", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     p.add_argument("--min-chunk", type=int, nargs="+", default=[128])
+    p.add_argument("--stages", type=int, nargs="+", default=[0], help="0: plan()'s own choice")
     p.add_argument("--flashinfer", action="store_true")
     p.add_argument("--ops", nargs="+", default=["decode", "verify"])
     args = p.parse_args()
     rows = []
-    variants = [(m, c) for m in args.mult for c in args.min_chunk]
+    variants = [(m, c, st) for m in args.mult for c in args.min_chunk for st in args.stages]
     cases = ([("decode", *c) for c in DECODE] if "decode" in args.ops else []) + \
             ([("verify", *c) for c in VERIFY] if "verify" in args.ops else [])
     workspace = bench._workspace("flashinfer") if args.flashinfer else None
@@ -93,7 +101,7 @@ def main():
     with open(os.path.join(out, "sweep_plan.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
     keys = ["/".join(map(str, v)) for v in variants]
-    print(f"{'case (us; mult/min_chunk)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))
+    print(f"{'case (us; mult/min_chunk/stages)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))
     for r in rows:
         fi = f"{r['flashinfer_us']:8.1f}" if r["flashinfer_us"] else f"{'-':>8s}"
         print(f"{r['label']:34s} {fi} " + " ".join(f"{r['times'][k]:9.1f}" for k in keys))
