@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import anchor_parser, flashinfer_wanted, report  # noqa: E402
+from common import anchor_parser, flashinfer_wanted, report, selected  # noqa: E402
 
 from pagedinfer.bench import run_decode  # noqa: E402
 from pagedinfer.bench_cases import PRESETS  # noqa: E402
@@ -25,9 +25,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="first two cases of each shape only")
     parser.add_argument("--shapes", default="", help="comma-separated BxL filter, e.g. 64x8192,1x2048")
     args = parser.parse_args()
-    wanted = args.shapes.split(",") if args.shapes else None
-    cases = [(heads, [(b, n) for b, n in (sizes[:2] if args.quick else sizes) if not wanted or f"{b}x{n}" in wanted])
-             for heads, sizes in PRESETS["decode"]]
+    cases = selected([(heads, sizes[:2] if args.quick else sizes) for heads, sizes in PRESETS["decode"]], args.shapes)
     anchor = "flashinfer" if flashinfer_wanted(args) else None
     report("decode" if anchor else "decode-pagedinfer-only", "decode", run_decode(cases, anchor))
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import anchor_parser, flashinfer_wanted, report  # noqa: E402
+from common import anchor_parser, flashinfer_wanted, report, selected  # noqa: E402
 
 from pagedinfer.bench import run_verify  # noqa: E402
 from pagedinfer.bench_cases import PRESETS  # noqa: E402
@@ -22,9 +22,7 @@ def main():
     parser = anchor_parser()
     parser.add_argument("--shapes", default="", help="comma-separated BxDxL filter, e.g. 64x4x2048,1x8x32768")
     args = parser.parse_args()
-    wanted = args.shapes.split(",") if args.shapes else None
-    cases = [(heads, [size for size in sizes if not wanted or "x".join(map(str, size)) in wanted])
-             for heads, sizes in PRESETS["verify"]]
+    cases = selected(PRESETS["verify"], args.shapes)
     anchor = "flashinfer" if flashinfer_wanted(args) else None
     report("verify" if anchor else "verify-pagedinfer-only", "verify", run_verify(cases, anchor))
 

@@ -22,6 +22,14 @@ def anchor_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def selected(cases: list, shapes: str) -> list:
+    """`cases` [(heads, [size, ...]), ...] cut to the sizes named in `shapes` ("64x8192,1x2048": each size's
+    numbers joined by x); all of them when it is empty."""
+    wanted = shapes.split(",") if shapes else None
+    return [(heads, [size for size in sizes if not wanted or "x".join(map(str, size)) in wanted])
+            for heads, sizes in cases]
+
+
 def flashinfer_wanted(args) -> bool:
     """FlashInfer runs as the anchor when it is installed and not skipped."""
     return not args.skip_anchor and bench.flashinfer_installed()

@@ -6,7 +6,7 @@ METRICS=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapse
 lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
 launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size,launch__block_size,\
 launch__occupancy_limit_shared_mem,launch__occupancy_limit_registers,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
-smsp__inst_executed.sum,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__t_bytes_pipe_lsu_mem_global_op_ldgsts.sum
+smsp__inst_executed.sum,lts__t_sectors_srcunit_tex_op_read.sum
 ncu --nvtx --nvtx-include "decode-ours/" --nvtx-include "decode-fi/" --nvtx-include "verify-ours/" \
   --nvtx-include "verify-fi/" --metrics $METRICS --csv python3 benchmarks/ncu_pair.py >"$OUT/ncu_pair.csv" 2>"$OUT/ncu_pair.err"
 echo "ncu exit $?"

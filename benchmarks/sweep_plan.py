@@ -3,7 +3,8 @@ the shortest chunk by each `--min-chunk`, and the pipeline depth of decode.cu by
 more CTAs per SM), on the shapes where they matter. Ours only, by default; `--flashinfer` adds FlashInfer's
 best in the same run. Prints one table and writes sweep_plan.json to $OUT.
 
-    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ops verify] [--flashinfer]
+    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ops verify]
+        [--flashinfer]
 """
 from __future__ import annotations
 
