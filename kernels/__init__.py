@@ -43,6 +43,10 @@ class KernelCompileError(RuntimeError):
 
 # Sources that use instructions of one architecture only (wgmma: sm_90a); the others build for every target.
 SOURCE_ARCHS = {"prefill_sm90.cu": ("sm_90a",)}
+# Sources whose kernels touch memory only after wait_for_previous_kernel() (common.cuh): on sm_90 and newer they
+# are launched with programmatic stream serialization, so that their launch overlaps the end of the kernel
+# before them (as FlashInfer does on Hopper). PAGEDINFER_PDL=0 turns it off.
+PROGRAMMATIC_SOURCES = ("decode.cu", "prefill_sm90.cu")
 
 
 def kernel_sources() -> list[str]:
@@ -269,12 +273,14 @@ def device_arch(device_index: int | None = None) -> str:
 
 
 class Kernel:
-    """A loaded kernel; `launch` runs it on PyTorch's current stream (capturable in a CUDA graph)."""
+    """A loaded kernel; `launch` runs it on PyTorch's current stream (capturable in a CUDA graph).
+    `programmatic`: launched with programmatic dependent launch (see PROGRAMMATIC_SOURCES)."""
 
-    def __init__(self, function, name: str, device_index: int):
+    def __init__(self, function, name: str, device_index: int, programmatic: bool = False):
         self._function = function
         self.name = name
         self.device_index = device_index
+        self.programmatic = programmatic
         self._smem_limit = 0  # dynamic shared memory opted in so far (static + dynamic > 48 KB needs it)
         self._streams = {}
         self._occupancy = {}
@@ -321,17 +327,89 @@ class Kernel:
         import torch
         if shared_mem > self._smem_limit:
             self._allow_shared_memory(shared_mem)
-        stream = self._stream(torch.cuda.current_stream(self.device_index))
+        torch_stream = torch.cuda.current_stream(self.device_index)
+        launch = (lambda: _launch_programmatic(self._function.ptr, grid, block, args, shared_mem,
+                                               torch_stream.cuda_stream)) if self.programmatic else (
+            lambda: self._function(grid, block, args, shared_mem=shared_mem, stream=self._stream(torch_stream)))
         try:
             if torch.cuda.current_device() == self.device_index:
-                self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
+                launch()
             else:  # the module lives in its device's context: make that one current for the launch
                 import cupy
                 with cupy.cuda.Device(self.device_index):
-                    self._function(grid, block, args, shared_mem=shared_mem, stream=stream)
+                    launch()
         except Exception as e:
             raise RuntimeError(f"launch of {self.name} failed: grid {grid}, block {block}, "
                                f"{shared_mem} bytes of shared memory: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- programmatic launch
+# cuLaunchKernelEx through ctypes: CuPy launches with cuLaunchKernel, which takes no launch attributes.
+
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_STRUCT_CODES = {"uint64": "Q", "int64": "q", "uint32": "I", "int32": "i", "float32": "f", "float64": "d"}
+
+
+def param_layout(args: tuple) -> tuple[str, list[int]]:
+    """The struct format (native sizes, explicit padding) that lays kernel arguments out as C does, each at a
+    multiple of its size, and the offset of each; args are numpy scalars."""
+    fmt, offsets, at = "=", [], 0
+    for a in args:
+        size = a.dtype.itemsize
+        pad = -at % size
+        fmt += "x" * pad + _STRUCT_CODES[a.dtype.name]
+        at += pad
+        offsets.append(at)
+        at += size
+    return fmt, offsets
+
+
+_layouts: dict = {}
+_driver = None
+
+
+def _cuda_driver():
+    """libcuda's cuLaunchKernelEx and the launch attribute that asks for programmatic serialization."""
+    global _driver
+    if _driver is None:
+        import ctypes
+
+        class Attribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+            _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                        ("rest", ctypes.c_char * 60)]
+
+        class Config(ctypes.Structure):  # CUlaunchConfig
+            _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attribute)),
+                        ("num_attrs", ctypes.c_uint)]
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
+        attribute = Attribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"", 1)
+        _driver = (ctypes, lib, Config, attribute)
+    return _driver
+
+
+def _launch_programmatic(function: int, grid: tuple, block: tuple, args: tuple, shared_mem: int, stream: int):
+    import struct
+    ctypes, lib, Config, attribute = _cuda_driver()
+    key = tuple(a.dtype.name for a in args)
+    layout = _layouts.get(key)
+    if layout is None:
+        fmt, offsets = param_layout(args)
+        layout = _layouts[key] = (struct.Struct(fmt), offsets)
+    packer, offsets = layout
+    buffer = ctypes.create_string_buffer(packer.size)
+    packer.pack_into(buffer, 0, *args)
+    base = ctypes.addressof(buffer)
+    params = (ctypes.c_void_p * len(offsets))(*(base + o for o in offsets))
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    config = Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream,
+                    ctypes.pointer(attribute), 1)
+    status = lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx returned CUresult {status}")
 
 
 def _as_arg(a):
@@ -366,7 +444,9 @@ def get_kernel(source: str, name_expression: str, *, defines: dict | None = None
             with cupy.cuda.Device(device_index):
                 module = cupy.cuda.function.Module()
                 module.load(cubin.image)
-                kernel = Kernel(module.get_function(cubin.lowered_name), name_expression, device_index)
+                programmatic = (source in PROGRAMMATIC_SOURCES and torch.cuda.get_device_capability(device_index)[0] >= 9
+                                and os.environ.get("PAGEDINFER_PDL", "1") != "0")
+                kernel = Kernel(module.get_function(cubin.lowered_name), name_expression, device_index, programmatic)
             _loaded[key] = kernel
     return kernel
 

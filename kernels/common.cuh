@@ -40,6 +40,19 @@ template <> struct Half<fp16> {
   }
 };
 
+// ------------------------------------------------------------------------------------ launch
+
+// Programmatic dependent launch (sm_90+; kernels/__init__.py launches these kernels with it): the kernel may
+// be put on the GPU while the previous kernel in the stream still runs, so it reads and writes nothing
+// before this wait, which returns once that kernel has finished and its writes are visible. The next
+// kernel may then start its own launch, to wait in turn. A no-op before sm_90 and without the attribute.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------ math
 
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -78,6 +78,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   constexpr int ROWS = M_TILES * 16;         // query rows of this CTA
   constexpr int PARTS = WARPS / M_TILES;     // warps on one row tile, each on its own tokens of a stage
   constexpr int SPAN = TILE / PARTS;         // tokens of a stage per warp: M_TILES steps of 16
+  wait_for_previous_kernel();
   // CUDA-graph mode launches the largest grid the buffers allow; the item is read beside the count (the
   // buffer holds the whole grid), one load latency less before the page ids.
   const int active = *num_items;

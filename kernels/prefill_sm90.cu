@@ -103,6 +103,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
+  wait_for_previous_kernel();
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
   const Request rq = requests[it.req];

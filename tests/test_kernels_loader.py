@@ -171,3 +171,41 @@ def test_device_arch_on_this_gpu():
     arch = kernels.device_arch()
     assert arch.startswith(f"sm_{major}{minor}")
     assert arch.endswith("a") == ((major, minor) == (9, 0))
+
+
+def test_param_layout_places_each_argument_at_a_multiple_of_its_size():
+    fmt, offsets = kernels.param_layout((np.uint64(1), np.int32(2), np.int64(3), np.float32(4.0), np.int32(5)))
+    assert offsets == [0, 8, 16, 24, 28]
+    assert fmt == "=Qixxxxqfi"
+
+
+CHAIN = textwrap.dedent("""\
+    #include "common.cuh"
+    __global__ void add_one(float* x, int n) {
+      wait_for_previous_kernel();
+      for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += 1.f;
+    }
+    """)
+
+
+@pytest.mark.gpu
+def test_programmatic_launches_still_run_in_order(sources, monkeypatch):
+    """Kernels launched with programmatic dependent launch (on sm_90+) each see the previous one's writes,
+    eagerly and replayed from a CUDA graph."""
+    (sources / "chain.cu").write_text(CHAIN)
+    monkeypatch.setattr(kernels, "PROGRAMMATIC_SOURCES", ("chain.cu",))
+    kernel = kernels.get_kernel("chain.cu", "add_one")
+    assert kernel.programmatic == (torch.cuda.get_device_capability()[0] >= 9)
+    x = torch.zeros(1 << 22, device="cuda")
+    for _ in range(50):
+        kernel.launch((264,), (256,), (x, np.int32(x.numel())))
+    torch.cuda.synchronize()
+    assert bool((x == 50).all())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(50):
+            kernel.launch((264,), (256,), (x, np.int32(x.numel())))
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool((x == 150).all())
