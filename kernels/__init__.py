@@ -43,10 +43,10 @@ class KernelCompileError(RuntimeError):
 
 # Sources that use instructions of one architecture only (wgmma: sm_90a); the others build for every target.
 SOURCE_ARCHS = {"prefill_sm90.cu": ("sm_90a",)}
-# Sources whose kernels touch memory only after wait_for_previous_kernel() (common.cuh): on sm_90 and newer they
-# are launched with programmatic stream serialization, so that their launch overlaps the end of the kernel
-# before them (as FlashInfer does on Hopper). PAGEDINFER_PDL=0 turns it off.
-PROGRAMMATIC_SOURCES = ("decode.cu", "prefill_sm90.cu")
+# Sources whose kernels read and write nothing they depend on before wait_for_previous_kernel() (common.cuh):
+# on sm_90 and newer they are launched with programmatic stream serialization, so that each may start while
+# the kernel before it finishes (as FlashInfer does on Hopper). PAGEDINFER_PDL=0 turns it off.
+PROGRAMMATIC_SOURCES = ("decode.cu", "prefill_sm90.cu", "cache.cu")
 
 
 def kernel_sources() -> list[str]:
@@ -344,7 +344,8 @@ class Kernel:
 
 
 # ---------------------------------------------------------------------------------------------- programmatic launch
-# cuLaunchKernelEx through ctypes: CuPy launches with cuLaunchKernel, which takes no launch attributes.
+# cuLaunchKernelEx through ctypes: CuPy launches with cuLaunchKernel, which takes no launch attributes. Run once
+# per layer and step, so everything but packing the values is built once per argument layout.
 
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 _STRUCT_CODES = {"uint64": "Q", "int64": "q", "uint32": "I", "int32": "i", "float32": "f", "float64": "d"}
@@ -364,12 +365,14 @@ def param_layout(args: tuple) -> tuple[str, list[int]]:
     return fmt, offsets
 
 
-_layouts: dict = {}
 _driver = None
+_prepared: dict = {}  # argument types -> (packer, parameter block, pointers to each parameter)
+_launch_lock = threading.Lock()  # the prepared blocks are shared; a launch copies them before it returns
 
 
 def _cuda_driver():
-    """libcuda's cuLaunchKernelEx and the launch attribute that asks for programmatic serialization."""
+    """libcuda's cuLaunchKernelEx, the config struct and the attribute that asks for programmatic
+    serialization."""
     global _driver
     if _driver is None:
         import ctypes
@@ -387,27 +390,36 @@ def _cuda_driver():
         lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.cuLaunchKernelEx.restype = ctypes.c_int
         attribute = Attribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"", 1)
-        _driver = (ctypes, lib, Config, attribute)
+        config = Config(attrs=ctypes.pointer(attribute), num_attrs=1)
+        _driver = (ctypes, lib, config, attribute)
     return _driver
 
 
-def _launch_programmatic(function: int, grid: tuple, block: tuple, args: tuple, shared_mem: int, stream: int):
+def _prepare(args: tuple):
+    import ctypes
     import struct
-    ctypes, lib, Config, attribute = _cuda_driver()
-    key = tuple(a.dtype.name for a in args)
-    layout = _layouts.get(key)
-    if layout is None:
-        fmt, offsets = param_layout(args)
-        layout = _layouts[key] = (struct.Struct(fmt), offsets)
-    packer, offsets = layout
-    buffer = ctypes.create_string_buffer(packer.size)
-    packer.pack_into(buffer, 0, *args)
-    base = ctypes.addressof(buffer)
-    params = (ctypes.c_void_p * len(offsets))(*(base + o for o in offsets))
-    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
-    config = Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream,
-                    ctypes.pointer(attribute), 1)
-    status = lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
+    fmt, offsets = param_layout(args)
+    packer = struct.Struct(fmt)
+    block = ctypes.create_string_buffer(max(packer.size, 1))
+    base = ctypes.addressof(block)
+    return packer, block, (ctypes.c_void_p * len(offsets))(*(base + o for o in offsets))
+
+
+def _launch_programmatic(function: int, grid: tuple, block: tuple, args: tuple, shared_mem: int, stream: int):
+    ctypes, lib, config, _ = _cuda_driver()
+    key = tuple(map(type, args))  # numpy scalar types fix the layout (dtype.name costs ~2 us an argument)
+    prepared = _prepared.get(key)
+    if prepared is None:
+        prepared = _prepared[key] = _prepare(args)
+    packer, values, params = prepared
+    with _launch_lock:
+        packer.pack_into(values, 0, *args)
+        for i in range(3):
+            config.grid[i] = grid[i] if i < len(grid) else 1
+            config.block[i] = block[i] if i < len(block) else 1
+        config.shared_mem = shared_mem
+        config.stream = stream
+        status = lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx returned CUresult {status}")
 

@@ -12,6 +12,8 @@ __global__ void append_kv(const char* __restrict__ k_new, const char* __restrict
                           const Slot* __restrict__ slots, int num_tokens, int heads, int row_bytes,
                           int page_size) {
   typedef typename Bytes<VEC>::T Piece;
+  allow_next_kernel();  // the attention kernel after it reads its work list meanwhile
+  wait_for_previous_kernel();
   const int pieces = row_bytes / VEC;
   const i64 total = (i64)num_tokens * heads * pieces;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -35,6 +37,8 @@ __global__ void csr_from_block_table(const int* __restrict__ block_table, i64 ro
                                      const int* __restrict__ seq_lens, int batch, int page_size,
                                      int* __restrict__ indptr, int* __restrict__ indices,
                                      int* __restrict__ last_page_len) {
+  allow_next_kernel();
+  wait_for_previous_kernel();
   const int b = blockIdx.x;
   int before = 0;
   for (int r = threadIdx.x; r < b; r += blockDim.x) before += (seq_lens[r] + page_size - 1) / page_size;

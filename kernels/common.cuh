@@ -42,14 +42,21 @@ template <> struct Half<fp16> {
 
 // ------------------------------------------------------------------------------------ launch
 
-// Programmatic dependent launch (sm_90+; kernels/__init__.py launches these kernels with it): the kernel may
-// be put on the GPU while the previous kernel in the stream still runs, so it reads and writes nothing
-// before this wait, which returns once that kernel has finished and its writes are visible. The next
-// kernel may then start its own launch, to wait in turn. A no-op before sm_90 and without the attribute.
+// Programmatic dependent launch (sm_90+; kernels/__init__.py launches these kernels with it). A no-op before
+// sm_90 and without the launch attribute.
+// The kernel after this one in the stream may be put on the GPU once every CTA of this one has called this:
+// its CTAs then take the multiprocessors this kernel's CTAs leave, and wait (below) for this kernel to finish.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Returns once the kernel before this one has finished and its writes are visible: a kernel launched early
+// reads and writes nothing it depends on before this.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

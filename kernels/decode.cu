@@ -62,7 +62,7 @@ template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int
 __global__ void __launch_bounds__(decode_detail::THREADS)
 decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
        const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
-       i64 page_stride, i64 token_stride, i64 head_stride,
+       i64 page_stride, i64 token_stride, i64 head_stride, int num_pages,
        const int* __restrict__ page_ids, const attention::Item* __restrict__ items,
        const attention::Request* __restrict__ requests, const int* __restrict__ num_items,
        const unsigned char* __restrict__ mask_bits,  // packed tree or custom masks, per request
@@ -78,6 +78,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   constexpr int ROWS = M_TILES * 16;         // query rows of this CTA
   constexpr int PARTS = WARPS / M_TILES;     // warps on one row tile, each on its own tokens of a stage
   constexpr int SPAN = TILE / PARTS;         // tokens of a stage per warp: M_TILES steps of 16
+  allow_next_kernel();
   wait_for_previous_kernel();
   // CUDA-graph mode launches the largest grid the buffers allow; the item is read beside the count (the
   // buffer holds the whole grid), one load latency less before the page ids.
@@ -136,13 +137,15 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const int crow0 = tid / S::VPR;
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
-  // Page ids of this thread's rows for one tile (-1 past the end); see pipeline_start.
+  // Page ids of this thread's rows for one tile (-1 past the end, and for an id outside the cache: its rows
+  // read as zeros instead of faulting); see pipeline_start.
   auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       const int row = crow0 + k * ROW_STEP;
       const int token = it.begin + t * TILE + row;
-      pages[k] = (copier && row < TILE && token < it.end) ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
+      const int page = (copier && row < TILE && token < it.end) ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
+      pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;
     }
   };
   auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {

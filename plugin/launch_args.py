@@ -53,7 +53,7 @@ class CacheArgs:
         check_vector_aligned("kv_cache", cache.k)
         check_vector_aligned("kv_cache", cache.v)
         args = (np.uint64(cache.k.data_ptr()), np.uint64(cache.v.data_ptr()),
-                *(np.int64(s) for s in cache.strides()))
+                *(np.int64(s) for s in cache.strides()), np.int32(cache.num_pages))
         if len(self._memo) > 1024:  # caches come and go in tests; engines keep one per layer
             self._memo.clear()
         self._memo[key] = (tuple(weakref.ref(p) for p in parts), cache, args)

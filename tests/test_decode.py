@@ -14,7 +14,7 @@ from paged_cases import DTYPES, assert_matches, build_paged, fuzz, random_querie
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode, kernel_name
-from pagedinfer.paged import as_paged_kv_cache, block_page_table
+from pagedinfer.paged import as_paged_kv_cache, block_page_table, csr_page_table
 
 
 # ------------------------------------------------------------------------------ building cases
@@ -209,6 +209,26 @@ def test_bf16_output_is_the_fp32_result_rounded_once():
     off_by_rounded_p = (rounded_p != exact).float().mean().item()
     off_by_kernel = (out != exact).float().mean().item()
     assert off_by_rounded_p > 0.2 and off_by_kernel < 0.02, (off_by_kernel, off_by_rounded_p)
+
+
+@pytest.mark.gpu
+def test_page_ids_outside_the_cache_read_as_zeros():
+    """Device page tables are not checked on the host: an id outside the cache must not fault. The kernel
+    reads such a page as zeros, the same as a real all-zero page."""
+    page, heads, dim = 16, 2, 128
+    cache = torch.randn(6, 2, page, heads, dim, device="cuda", dtype=torch.bfloat16)
+    with_zero_page = torch.cat([cache, torch.zeros_like(cache[:1])])
+    q = torch.randn(2, 8, dim, device="cuda", dtype=torch.bfloat16)
+    indptr = torch.tensor([0, 3, 6], dtype=torch.int32, device="cuda")
+    last = torch.tensor([16, 5], dtype=torch.int32, device="cuda")
+    outs = []
+    for kv, bad in ((cache, [2, 1000, 0, 5, -7, 4]), (with_zero_page, [2, 6, 0, 5, 6, 4])):
+        table = csr_page_table(indptr, torch.tensor(bad, dtype=torch.int32, device="cuda"), last, page)
+        wrapper = DecodeWrapper("cuda")
+        wrapper.plan(table, 8, heads, dim)
+        outs.append(wrapper.run(q, kv))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu

@@ -182,6 +182,7 @@ def test_param_layout_places_each_argument_at_a_multiple_of_its_size():
 CHAIN = textwrap.dedent("""\
     #include "common.cuh"
     __global__ void add_one(float* x, int n) {
+      allow_next_kernel();
       wait_for_previous_kernel();
       for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += 1.f;
     }
