@@ -32,8 +32,7 @@ def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
         def _config(self, *args):
             real = decode_module._stages
             if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
-                decode_module._stages = lambda head_dim, m_tiles=1: (stages, stages * (real(head_dim)[1] //
-                                                                                   real(head_dim)[0]))
+                decode_module._stages = lambda head_dim: (stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
             try:
                 group, scale, cap, window, spec, kernel, target = super()._config(*args)
             finally:

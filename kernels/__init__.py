@@ -46,7 +46,7 @@ SOURCE_ARCHS = {"prefill_sm90.cu": ("sm_90a",)}
 # Sources whose kernels read and write nothing they depend on before wait_for_previous_kernel() (common.cuh):
 # on sm_90 and newer they are launched with programmatic stream serialization, so that each may start while
 # the kernel before it finishes (as FlashInfer does on Hopper). PAGEDINFER_PDL=0 turns it off.
-PROGRAMMATIC_SOURCES = ("decode.cu", "prefill_sm90.cu", "cache.cu")
+PROGRAMMATIC_SOURCES = ("decode.cu", "cache.cu")
 
 
 def kernel_sources() -> list[str]:
@@ -456,8 +456,8 @@ def get_kernel(source: str, name_expression: str, *, defines: dict | None = None
             with cupy.cuda.Device(device_index):
                 module = cupy.cuda.function.Module()
                 module.load(cubin.image)
-                programmatic = (source in PROGRAMMATIC_SOURCES and torch.cuda.get_device_capability(device_index)[0] >= 9
-                                and os.environ.get("PAGEDINFER_PDL", "1") != "0")
+                programmatic = (source in PROGRAMMATIC_SOURCES and os.environ.get("PAGEDINFER_PDL", "1") != "0"
+                                and torch.cuda.get_device_capability(device_index)[0] >= 9)
                 kernel = Kernel(module.get_function(cubin.lowered_name), name_expression, device_index, programmatic)
             _loaded[key] = kernel
     return kernel

@@ -12,7 +12,7 @@ __global__ void append_kv(const char* __restrict__ k_new, const char* __restrict
                           const Slot* __restrict__ slots, int num_tokens, int heads, int row_bytes,
                           int page_size) {
   typedef typename Bytes<VEC>::T Piece;
-  allow_next_kernel();  // the attention kernel after it reads its work list meanwhile
+  allow_next_kernel();  // the attention kernel after it may start meanwhile, and waits in turn
   wait_for_previous_kernel();
   const int pieces = row_bytes / VEC;
   const i64 total = (i64)num_tokens * heads * pieces;

@@ -92,7 +92,8 @@ template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int
 __global__ void __launch_bounds__(prefill_sm90::THREADS, 1)
 prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
                     const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
-                    i64 page_stride, i64 token_stride, i64 head_stride, int num_pages,
+                    i64 page_stride, i64 token_stride, i64 head_stride,
+                    int num_pages,  // unused here: decode.cu's bound on page ids (run() passes one argument list)
                     const int* __restrict__ page_ids, const attention::Item* __restrict__ items,
                     const attention::Request* __restrict__ requests, const int* __restrict__ num_items,
                     const unsigned char* __restrict__ mask_bits,
@@ -103,8 +104,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
-  allow_next_kernel();
-  wait_for_previous_kernel();
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
   const Request rq = requests[it.req];
@@ -150,8 +149,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       const int token = it.begin + t * TILE + crow0 + k * S::ROW_STEP;
-      const int page = token < it.end ? page_ids[it.row_start + (u32)token / PAGE_SIZE] : -1;  // u32: a shift
-      pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;  // outside the cache: zeros, no fault
+      pages[k] = token < it.end ? page_ids[it.row_start + (u32)token / PAGE_SIZE] : -1;  // u32: a shift
     }
   };
   auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {

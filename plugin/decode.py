@@ -35,14 +35,12 @@ _SMEM_PER_CTA = 110 * 1024  # two CTAs per multiprocessor where the head dim all
 _MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fixed costs stay a small share
 
 
-def _stages(head_dim: int, m_tiles: int = 1) -> tuple[int, int]:
+def _stages(head_dim: int) -> tuple[int, int]:
     """Pipeline depth and dynamic shared memory: as many 64-token K+V stages (2-4) as fit the budget. Rows of
-    whole 128-byte lines are stored as they are (swizzled), others padded by 8 elements (kernels/decode.cu).
-    With 2 or 4 row tiles (verify, short prefills) a stage holds 2-4x the math: two stages, so that more CTAs
-    share a multiprocessor to hide it (verify at head dim 128 on an H100: 1-4% faster, benchmarks/NOTES.md)."""
+    whole 128-byte lines are stored as they are (swizzled), others padded by 8 elements (kernels/decode.cu)."""
     pitch = head_dim if head_dim % 64 == 0 else head_dim + 8
     stage_bytes = 2 * _TILE * pitch * 2
-    stages = 2 if m_tiles > 1 else max(2, min(4, _SMEM_PER_CTA // stage_bytes))
+    stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
     return stages, stages * stage_bytes
 
 
@@ -61,8 +59,7 @@ def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     """`high_rows`: some request has more than 8 query rows (defaults to: more than one token or group > 8)."""
     soft = "true" if soft_cap else "false"
     high = (mask != NO_MASK or m_tiles > 1 or group > 8) if high_rows is None else high_rows
-    stages = _stages(head_dim, m_tiles)[0]
-    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {stages}, {m_tiles}, "
+    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}, {m_tiles}, "
             f"{mask}, {'true' if high else 'false'}>")
 
 
@@ -92,7 +89,7 @@ def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     """decode.cu (mma.sync, every architecture from sm_80) for requests of up to `max_tokens` query tokens."""
     m_tiles = row_tiles(max_tokens * group)
     name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, max_tokens * group > 8)
-    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, m_tiles)[1])
+    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim)[1])
 
 
 class DecodeWrapper:
