@@ -3,15 +3,13 @@ compiles every kernel with those defines (-DD1=1 -DD2=v) and times the small dec
 replay (20 calls) and verify eagerly, on the same inputs as the baseline (no defines). Every variant must give
 outputs within bf16 tolerance of the baseline. Prints one table; writes ab.json to $OUT.
     python3 benchmarks/ab.py fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
-import json
-import os
 import sys
 
 import torch
+from common import case_inputs, planned_decode, planned_verify, save_and_print
 
 from pagedinfer import bench, kernels
 from pagedinfer.decode import DecodeWrapper
-from pagedinfer.paged import csr_page_table
 from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 4, 8192), ((32, 8, 128), 64, 8192),
@@ -36,14 +34,20 @@ def use(defines: dict) -> None:
 use.real = kernels.get_kernel
 
 
-def timed(variants, make, time_it) -> dict:
-    """{variant: us} for one case; `make()` plans a wrapper, `time_it(wrapper, out)` times it."""
+def eager_us(case, wrapper, out) -> float:
+    wrapper.run(case.q, case.kv, out=out)
+    return bench.median_us(lambda: wrapper.run(case.q, case.kv, out=out))
+
+
+def timed(variants, case, make, time_it) -> dict:
+    """{variant: us} for one case; `make(case)` plans a wrapper, `time_it(case, wrapper, out)` times its run
+    into out."""
     times, ref = {}, None
     for name, defines in variants:
         use(defines)
-        wrapper, q = make()
-        out = torch.full_like(q, float("nan"))
-        times[name] = time_it(wrapper, q, out)
+        wrapper = make(case)
+        out = torch.full_like(case.q, float("nan"))
+        times[name] = time_it(case, wrapper, out)
         if ref is None:
             ref = out.float()
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
@@ -55,42 +59,19 @@ def main():
     variants = [("baseline", {})] + [parse(a) for a in sys.argv[1:]]
     rows = []
     for heads, batch, kv_len in DECODE:
-        q_heads, kv_heads, head_dim = heads
-        kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
-        q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        table = csr_page_table(indptr, ids, last, bench.PAGE)
-
-        def make():
-            w = DecodeWrapper("cuda", use_cuda_graph=True, max_batch_size=batch, max_pages=ids.numel())
-            w.plan(table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(), indptr_host=indptr.cpu())
-            return w, q
-        t = timed(variants, make, lambda w, q_, out: bench.graph_us(lambda: w.run(q_, kv, out=out)))
+        case = case_inputs(heads, batch, kv_len)
+        t = timed(variants, case, lambda c: planned_decode(DecodeWrapper, c),
+                  lambda c, w, out: bench.graph_us(lambda: w.run(c.q, c.kv, out=out)))
         rows.append((f"decode graph {'/'.join(map(str, heads))} {batch}x{kv_len}", t))
-        del kv
+        del case
         torch.cuda.empty_cache()
     for heads, batch, drafts, kv_len in VERIFY:
-        q_heads, kv_heads, head_dim = heads
-        kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
-        q = torch.randn(batch * drafts, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        table = csr_page_table(indptr, ids, last, bench.PAGE)
-        qo_indptr = torch.arange(0, batch + 1, dtype=torch.int32) * drafts
-
-        def make():
-            w = VerifyWrapper("cuda")
-            w.plan(qo_indptr, table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(),
-                   indptr_host=indptr.cpu())
-            return w, q
-        t = timed(variants, make,
-                  lambda w, q_, out: (w.run(q_, kv, out=out), bench.median_us(lambda: w.run(q_, kv, out=out)))[1])
+        case = case_inputs(heads, batch, kv_len, drafts)
+        t = timed(variants, case, lambda c: planned_verify(VerifyWrapper, c), eager_us)
         rows.append((f"verify eager {'/'.join(map(str, heads))} {batch}x{drafts}x{kv_len}", t))
-        del kv
+        del case
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "."), "ab.json"), "w") as f:
-        json.dump(dict(card=torch.cuda.get_device_name(), variants=variants, rows=rows), f, indent=1)
-    names = [n for n, _ in variants]
-    print(f"{'us':36s} " + " ".join(f"{n:>12s}" for n in names))
-    for label, t in rows:
-        print(f"{label:36s} " + " ".join(f"{t[n]:12.2f}" for n in names))
+    save_and_print("ab", rows, [n for n, _ in variants], variants=variants)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ import os
 
 import torch
 
+from common import case_inputs, planned_decode, planned_verify
+
 from pagedinfer import bench
 from pagedinfer import decode as decode_module
 from pagedinfer.decode import DecodeWrapper
-from pagedinfer.paged import csr_page_table
 from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), b, n) for b, n in [(1, 2048), (1, 32768), (4, 8192), (64, 8192), (256, 4096), (128, 16384)]]
@@ -44,26 +45,15 @@ def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
 
 
 def decode_us(heads, batch, kv_len, cls):
-    q_heads, kv_heads, head_dim = heads
-    kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
-    q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    table = csr_page_table(indptr, ids, last, bench.PAGE)
-    wrapper = cls("cuda", use_cuda_graph=True, max_batch_size=batch, max_pages=ids.numel())
-    wrapper.plan(table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(), indptr_host=indptr.cpu())
-    out = torch.empty_like(q)
-    return bench.graph_us(lambda: wrapper.run(q, kv, out=out)), (kv, ids, indptr, last, q)
+    case = case_inputs(heads, batch, kv_len)
+    wrapper = planned_decode(cls, case)
+    out = torch.empty_like(case.q)
+    return bench.graph_us(lambda: wrapper.run(case.q, case.kv, out=out)), case
 
 
 def verify_us(heads, batch, drafts, kv_len, cls):
-    q_heads, kv_heads, head_dim = heads
-    kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
-    q = torch.randn(batch * drafts, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    table = csr_page_table(indptr, ids, last, bench.PAGE)
-    qo_indptr = torch.arange(0, batch + 1, dtype=torch.int32) * drafts
-    wrapper = cls("cuda")
-    wrapper.plan(qo_indptr, table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(),
-                 indptr_host=indptr.cpu())
-    return bench._timed_run(wrapper, q, kv)[1], (kv, ids, indptr, last, q)
+    case = case_inputs(heads, batch, kv_len, drafts)
+    return bench._timed_run(planned_verify(cls, case), case.q, case.kv)[1], case
 
 
 def main():
@@ -80,23 +70,22 @@ def main():
             ([("verify", *c) for c in VERIFY] if "verify" in args.ops else [])
     workspace = bench._workspace("flashinfer") if args.flashinfer else None
     for op, heads, *size in cases:
-        times, inputs = {}, None
+        times, c = {}, None
         for v in variants:
             if op == "decode":
-                times[v], inputs = decode_us(heads, *size, patched(DecodeWrapper, *v))
+                times[v], c = decode_us(heads, *size, patched(DecodeWrapper, *v))
             else:
-                times[v], inputs = verify_us(heads, *size, patched(VerifyWrapper, *v))
+                times[v], c = verify_us(heads, *size, patched(VerifyWrapper, *v))
         fi = None
         if args.flashinfer:
-            kv, ids, indptr, last, q = inputs
             if op == "decode":
-                fi = bench._decode_flashinfer(heads, kv, ids, indptr, last, q, workspace)[0]["graph"][1]
+                fi = bench._decode_flashinfer(heads, c.kv, c.ids, c.indptr, c.last, c.q, workspace)[0]["graph"][1]
             else:
-                fi = bench._verify_flashinfer(heads, kv, ids, indptr, last, q, size[1], size[2], None, "fa2",
-                                              workspace)[1]
+                fi = bench._verify_flashinfer(heads, c.kv, c.ids, c.indptr, c.last, c.q, size[1], size[2], None,
+                                              "fa2", workspace)[1]
         label = f"{op} {'/'.join(map(str, heads))} {'x'.join(map(str, size))}"
         rows.append(dict(label=label, flashinfer_us=fi, times={"/".join(map(str, v)): t for v, t in times.items()}))
-        del inputs
+        del c
         torch.cuda.empty_cache()
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "sweep_plan.json"), "w") as f:

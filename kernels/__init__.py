@@ -327,20 +327,23 @@ class Kernel:
         import torch
         if shared_mem > self._smem_limit:
             self._allow_shared_memory(shared_mem)
-        torch_stream = torch.cuda.current_stream(self.device_index)
-        launch = (lambda: _launch_programmatic(self._function.ptr, grid, block, args, shared_mem,
-                                               torch_stream.cuda_stream)) if self.programmatic else (
-            lambda: self._function(grid, block, args, shared_mem=shared_mem, stream=self._stream(torch_stream)))
+        stream = torch.cuda.current_stream(self.device_index)
         try:
             if torch.cuda.current_device() == self.device_index:
-                launch()
+                self._launch(grid, block, args, shared_mem, stream)
             else:  # the module lives in its device's context: make that one current for the launch
                 import cupy
                 with cupy.cuda.Device(self.device_index):
-                    launch()
+                    self._launch(grid, block, args, shared_mem, stream)
         except Exception as e:
             raise RuntimeError(f"launch of {self.name} failed: grid {grid}, block {block}, "
                                f"{shared_mem} bytes of shared memory: {e}") from e
+
+    def _launch(self, grid: tuple, block: tuple, args: tuple, shared_mem: int, torch_stream) -> None:
+        if self.programmatic:
+            _launch_programmatic(self._function.ptr, grid, block, args, shared_mem, torch_stream.cuda_stream)
+        else:
+            self._function(grid, block, args, shared_mem=shared_mem, stream=self._stream(torch_stream))
 
 
 # ---------------------------------------------------------------------------------------------- programmatic launch
@@ -371,7 +374,7 @@ _launch_lock = threading.Lock()  # the prepared blocks are shared; a launch copi
 
 
 def _cuda_driver():
-    """libcuda's cuLaunchKernelEx, the config struct and the attribute that asks for programmatic
+    """libcuda's cuLaunchKernelEx and the launch config, its one attribute asking for programmatic
     serialization."""
     global _driver
     if _driver is None:
@@ -390,8 +393,8 @@ def _cuda_driver():
         lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.cuLaunchKernelEx.restype = ctypes.c_int
         attribute = Attribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"", 1)
-        config = Config(attrs=ctypes.pointer(attribute), num_attrs=1)
-        _driver = (ctypes, lib, config, attribute)
+        config = Config(attrs=ctypes.pointer(attribute), num_attrs=1)  # the pointer keeps the attribute alive
+        _driver = (ctypes, lib, config)
     return _driver
 
 
@@ -406,7 +409,7 @@ def _prepare(args: tuple):
 
 
 def _launch_programmatic(function: int, grid: tuple, block: tuple, args: tuple, shared_mem: int, stream: int):
-    ctypes, lib, config, _ = _cuda_driver()
+    ctypes, lib, config = _cuda_driver()
     key = tuple(map(type, args))  # numpy scalar types fix the layout (dtype.name costs ~2 us an argument)
     prepared = _prepared.get(key)
     if prepared is None:
