@@ -1,7 +1,7 @@
 """How plan()'s choices change decode and verify times: the wave size (target CTAs) scaled by each `--mult`,
 the shortest chunk by each `--min-chunk`, and the pipeline depth of decode.cu by each `--stages` (fewer stages,
 more CTAs per SM), on the shapes where they matter. Ours only, by default; `--flashinfer` adds FlashInfer's
-best in the same run. Prints one table and writes sweep_plan.json to $OUT.
+best in the same run. Prints one table and writes sweep_plan-<ops>.json to $OUT.
 
     python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ops verify]
         [--flashinfer]
@@ -88,7 +88,7 @@ def main():
         del c
         torch.cuda.empty_cache()
     out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "sweep_plan.json"), "w") as f:
+    with open(os.path.join(out, f"sweep_plan-{'-'.join(args.ops)}.json"), "w") as f:  # one per sweep
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
     keys = ["/".join(map(str, v)) for v in variants]
     print(f"{'case (us; mult/min_chunk/stages)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))

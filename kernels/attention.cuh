@@ -70,9 +70,9 @@ __device__ __forceinline__ i64 partial_row(const Item& it, int kv_head, int kv_h
 // block, KV head) last, which then merges all chunks. Resets the counter for the next launch.
 __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv_head, int kv_heads) {
   __shared__ int is_last;
-  __threadfence();
-  __syncthreads();
+  __syncthreads();  // every thread's stores come before thread 0's fence, which covers them (cumulative)
   if (threadIdx.x == 0) {
+    __threadfence();
     int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
     is_last = atomicAdd(counter, 1) == it.chunks - 1;
     if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
