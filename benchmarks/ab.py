@@ -1,8 +1,11 @@
 """Compile-time variants of the attention kernels side by side in one process. Each argument NAME=D1,D2:v
-compiles every kernel with those defines (-DD1=1 -DD2=v) and times the small decode batches under CUDA-graph
-replay (20 calls) and verify eagerly, on the same inputs as the baseline (no defines). Every variant must give
-outputs within bf16 tolerance of the baseline. Prints one table; writes ab.json to $OUT.
+compiles every kernel with those defines (-DD1=1 -DD2=v); a define written @VAR:v sets the environment
+variable VAR=v for that variant's plans instead (e.g. @PAGEDINFER_MERGE_APART:0). It times the small decode
+batches under CUDA-graph replay (20 calls) and verify eagerly, on the same inputs as the baseline (no
+defines). Every variant must give outputs within bf16 tolerance of the baseline. Prints one table; writes
+ab.json to $OUT.
     python3 benchmarks/ab.py fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
+import os
 import sys
 
 import torch
@@ -27,11 +30,17 @@ def parse(argument: str) -> tuple[str, dict]:
 
 
 def use(defines: dict) -> None:
+    for key in use.environment:
+        os.environ.pop(key, None)
+    use.environment = {k[1:]: str(v) for k, v in defines.items() if k.startswith("@")}
+    os.environ.update(use.environment)
+    compiled = {k: v for k, v in defines.items() if not k.startswith("@")}
     kernels._loaded.clear()
-    kernels.get_kernel = lambda source, name, **kw: use.real(source, name, **{**kw, "defines": defines})
+    kernels.get_kernel = lambda source, name, **kw: use.real(source, name, **{**kw, "defines": compiled})
 
 
 use.real = kernels.get_kernel
+use.environment = {}
 
 
 def eager_us(case, wrapper, out) -> float:

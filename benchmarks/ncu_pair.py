@@ -1,7 +1,10 @@
 """One launch each of pagedinfer and FlashInfer on the same inputs, for Nsight Compute to compare:
-    ncu --metrics ... python3 benchmarks/ncu_pair.py
-decode 32/8/128 256x4096 (ours vs FlashInfer's tensor-core decode) and verify 32/8/128 64x4x2048 causal
-(ours vs FlashInfer's fa2 prefill). Each is run twice first (JIT, warm-up), then once under NVTX ranges."""
+    ncu --metrics ... python3 benchmarks/ncu_pair.py [--decode 256x4096] [--verify 64x4x2048]
+decode 32/8/128 batch x kv len (ours vs FlashInfer's tensor-core decode) and verify 32/8/128 batch x drafts x
+kv len, causal (ours vs FlashInfer's fa2 prefill). Each is run twice first (JIT, warm-up), then once under
+NVTX ranges."""
+import argparse
+
 import torch
 
 from pagedinfer import bench
@@ -12,13 +15,19 @@ from pagedinfer.verify import VerifyWrapper
 
 def main():
     import flashinfer
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--decode", default="256x4096")
+    parser.add_argument("--verify", default="64x4x2048")
+    args = parser.parse_args()
+    batch, kv_len = map(int, args.decode.split("x"))
+    vbatch, drafts, vkv_len = map(int, args.verify.split("x"))
     heads = (32, 8, 128)
     q_heads, kv_heads, head_dim = heads
     workspace = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     calls = []
-    kv, ids, indptr, last = bench.make_inputs(heads, 256, 4096)
+    kv, ids, indptr, last = bench.make_inputs(heads, batch, kv_len)
     table = csr_page_table(indptr, ids, last, bench.PAGE)
-    q = torch.randn(256, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     ours = DecodeWrapper("cuda")
     ours.plan(table, q_heads, kv_heads, head_dim, kv_lens_host=table.kv_lens().cpu(), indptr_host=indptr.cpu())
     fi = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
@@ -26,10 +35,10 @@ def main():
             kv_data_type=torch.bfloat16)
     calls += [("decode-ours", lambda: ours.run(q, kv)), ("decode-fi", lambda: fi.run(q, kv))]
 
-    kv2, ids2, indptr2, last2 = bench.make_inputs(heads, 64, 2048)
+    kv2, ids2, indptr2, last2 = bench.make_inputs(heads, vbatch, vkv_len)
     table2 = csr_page_table(indptr2, ids2, last2, bench.PAGE)
-    q2 = torch.randn(64 * 4, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    qo = torch.arange(0, 65, dtype=torch.int32) * 4
+    q2 = torch.randn(vbatch * drafts, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    qo = torch.arange(0, vbatch + 1, dtype=torch.int32) * drafts
     vours = VerifyWrapper("cuda")
     vours.plan(qo, table2, q_heads, kv_heads, head_dim, kv_lens_host=table2.kv_lens().cpu(),
                indptr_host=indptr2.cpu())

@@ -35,12 +35,12 @@ def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
             if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
                 decode_module._stages = lambda head_dim: (stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
             try:
-                group, scale, cap, window, spec, kernel, target = super()._config(*args)
+                group, scale, cap, window, spec, kernel, target, merger = super()._config(*args)
             finally:
                 decode_module._stages = real
             if min_chunk:
                 spec = dataclasses.replace(spec, min_chunk=min_chunk)
-            return group, scale, cap, window, spec, kernel, max(1, int(target * mult))
+            return group, scale, cap, window, spec, kernel, max(1, int(target * mult)), merger
     return Patched
 
 

@@ -83,39 +83,47 @@ __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv
   return last;
 }
 
-// The last CTA merges every chunk's partial (output, base-2 LSE) of rows [0, rows_here) of its block. Each
-// thread merges four dims of one row over all chunks: an online log-sum-exp merge whose loads (the chunk's
-// LSE and output) do not depend on the running state, so the unrolled loop keeps them in flight.
+// Merges dims 4 * d4 .. + 3 of row `row` of a (request, row block) over all its chunks' partial (output,
+// base-2 LSE) into out and lse: an online log-sum-exp merge whose loads (the chunk's LSE and output) do not
+// depend on the running state, so the unrolled loop keeps them in flight.
+template <typename T, int ROWS, int HEAD_DIM, int GROUP>
+__device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, int row0, int row, int d4, int kv_head,
+                                           int kv_heads, const float* partial_o, const float* partial_lse, u16* out,
+                                           i64 out_stride_tok, i64 out_stride_head, float* lse) {
+  const int r = row0 + row;
+  float mx = NEG_INF, den = 0.f;
+  float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+  for (int c = 0; c < it.chunks; ++c) {
+    const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
+    const float part_lse = __ldcg(partial_lse + at);
+    const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
+    const float m_new = fmaxf(mx, part_lse);
+    const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
+    const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse - base);
+    mx = m_new;
+    den = den * keep + w;
+    num.x = num.x * keep + w * part.x;
+    num.y = num.y * keep + w * part.y;
+    num.z = num.z * keep + w * part.z;
+    num.w = num.w * keep + w * part.w;
+  }
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  const int token = rq.qo_start + r / GROUP, qh = kv_head * GROUP + r % GROUP;
+  *reinterpret_cast<uint2*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + d4 * 4) =
+      make_uint2(Half<T>::pack2(num.x * inv, num.y * inv), Half<T>::pack2(num.z * inv, num.w * inv));
+  if (lse != nullptr && d4 == 0)
+    lse[(i64)token * kv_heads * GROUP + qh] = den > 0.f ? (mx + __log2f(den)) * LN2 : NEG_INF;
+}
+
+// The last CTA merges rows [0, rows_here) of its block, each thread four dims of one row at a time.
 template <typename T, int ROWS, int HEAD_DIM, int GROUP>
 __device__ __forceinline__ void merge_chunks(const Item& it, const Request& rq, int row0, int rows_here, int kv_head,
                                              int kv_heads, const float* partial_o, const float* partial_lse,
                                              u16* out, i64 out_stride_tok, i64 out_stride_head, float* lse) {
-  const int q_heads = kv_heads * GROUP, q_head0 = kv_head * GROUP;
-  for (int idx = threadIdx.x; idx < rows_here * HEAD_DIM / 4; idx += blockDim.x) {
-    const int row = idx / (HEAD_DIM / 4), r = row0 + row, d4 = idx % (HEAD_DIM / 4);
-    float mx = NEG_INF, den = 0.f;
-    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int c = 0; c < it.chunks; ++c) {
-      const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
-      const float part_lse = __ldcg(partial_lse + at);
-      const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
-      const float m_new = fmaxf(mx, part_lse);
-      const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
-      const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse - base);
-      mx = m_new;
-      den = den * keep + w;
-      num.x = num.x * keep + w * part.x;
-      num.y = num.y * keep + w * part.y;
-      num.z = num.z * keep + w * part.z;
-      num.w = num.w * keep + w * part.w;
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    const int token = rq.qo_start + r / GROUP, qh = q_head0 + r % GROUP;
-    *reinterpret_cast<uint2*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + d4 * 4) =
-        make_uint2(Half<T>::pack2(num.x * inv, num.y * inv), Half<T>::pack2(num.z * inv, num.w * inv));
-    if (lse != nullptr && d4 == 0) lse[(i64)token * q_heads + qh] = den > 0.f ? (mx + __log2f(den)) * LN2 : NEG_INF;
-  }
+  for (int idx = threadIdx.x; idx < rows_here * HEAD_DIM / 4; idx += blockDim.x)
+    merge_pair<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, idx / (HEAD_DIM / 4), idx % (HEAD_DIM / 4), kv_head,
+                                         kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }
 
 }  // namespace attention

@@ -14,7 +14,10 @@
 // of the 4 warps owns one 16-row tile and 64 / (4 / M_TILES) tokens of every stage: S = Q K^T (ldmatrix),
 // online softmax in base 2 on the accumulators, O += P V (ldmatrix.trans). Warps on the same rows merge
 // through shared memory at the end. A chunk's partial (output, LSE) goes to the workspace; the last CTA of
-// its (request, row block) merges them (an atomic counter), so a split request still costs one launch.
+// its (request, row block) merges them (an atomic counter), so a split request still costs one launch. With
+// `merge_apart` the chunks only leave their partials, and merge_split (below, launched next) merges them with
+// every chunk's CTA taking a share of the rows: one CTA alone merging many rows over many chunks is the tail
+// of the launch (Nsight Compute, verify 1 x 8 drafts x 32768: 32 rows x 32 chunks per KV head).
 #include "attention.cuh"
 
 namespace decode_detail {
@@ -71,7 +74,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
        float* __restrict__ partial_o,    // [slots, kv heads, M_TILES * 16, HEAD_DIM]
        float* __restrict__ partial_lse,  // [slots, kv heads, M_TILES * 16], base 2
        int* __restrict__ counters,       // [slots, kv heads], zero between launches
-       float qk_scale, float cap_log2, int window_left) {
+       float qk_scale, float cap_log2, int window_left, int merge_apart) {
   using namespace decode_detail;
   typedef Shape<HEAD_DIM> S;
   static_assert(M_TILES == 1 || M_TILES == 2 || M_TILES == 4, "the 4 warps split into M_TILES row tiles");
@@ -342,7 +345,32 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
       if (dim == 0) partial_lse[at] = lse2;
     }
   }
-  if (whole || !last_chunk(it, counters, kv_head, kv_heads)) return;
+  if (whole || merge_apart || !last_chunk(it, counters, kv_head, kv_heads)) return;
   merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, rows_here, kv_head, kv_heads, partial_o, partial_lse, out,
                                          out_stride_tok, out_stride_head, lse);
+}
+
+// After decode with merge_apart: CTA (KV head, item) of a split chunk merges its share of its (request, row
+// block)'s (row, 4 dims) pairs over all the chunks, so the unit's merge is spread over as many CTAs as it has
+// chunks. The grid and work buffers are decode's.
+template <typename T, int ROWS, int HEAD_DIM, int GROUP>
+__global__ void __launch_bounds__(decode_detail::THREADS)
+merge_split(const attention::Item* __restrict__ items, const attention::Request* __restrict__ requests,
+            const int* __restrict__ num_items, const float* __restrict__ partial_o,
+            const float* __restrict__ partial_lse, u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
+            float* __restrict__ lse) {
+  using namespace attention;
+  allow_next_kernel();
+  wait_for_previous_kernel();
+  const int active = *num_items;
+  const Item it = items[blockIdx.y];
+  if (blockIdx.y >= active || it.slot < 0) return;
+  const Request rq = requests[it.req];
+  const int row0 = it.row_block * ROWS, rows_here = min(ROWS, rq.qo_len * GROUP - row0);
+  const int pairs = rows_here * HEAD_DIM / 4, share = it.slot - it.first_slot;
+  const int begin = (int)((i64)share * pairs / it.chunks), end = (int)((i64)(share + 1) * pairs / it.chunks);
+  for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x)
+    merge_pair<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, idx / (HEAD_DIM / 4), idx % (HEAD_DIM / 4), blockIdx.x,
+                                         gridDim.x, partial_o, partial_lse, out, out_stride_tok, out_stride_head,
+                                         lse);
 }

@@ -99,7 +99,8 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
                     const unsigned char* __restrict__ mask_bits,
                     u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
                     float* __restrict__ lse, float* __restrict__ partial_o, float* __restrict__ partial_lse,
-                    int* __restrict__ counters, float qk_scale, float cap_log2, int window_left) {
+                    int* __restrict__ counters, float qk_scale, float cap_log2, int window_left,
+                    int merge_apart) {  // always 0 here: this kernel merges its own chunks
   using namespace prefill_sm90;
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");

@@ -33,6 +33,10 @@ _THREADS = 128
 _TILE = 64
 _SMEM_PER_CTA = 110 * 1024  # two CTAs per multiprocessor where the head dim allows
 _MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fixed costs stay a small share
+# Split work units of at least this many query rows merge their chunks in a second launch, every chunk's CTA
+# taking a share of the rows (kernels/decode.cu merge_split); smaller ones in the last chunk's CTA.
+# PAGEDINFER_MERGE_APART=0 keeps every merge in the last CTA.
+_MERGE_APART_ROWS = 32
 
 
 def _stages(head_dim: int) -> tuple[int, int]:
@@ -54,6 +58,10 @@ def row_tiles(rows: int) -> int:
     return 1 if tiles <= 1 else 2 if tiles <= 2 else 4
 
 
+def merge_kernel_name(dtype_tag: str, rows: int, head_dim: int, group: int) -> str:
+    return f"merge_split<{dtype_tag}, {rows}, {head_dim}, {group}>"
+
+
 def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, m_tiles: int = 1,
                 mask: int = NO_MASK, high_rows: bool | None = None) -> str:
     """`high_rows`: some request has more than 8 query rows (defaults to: more than one token or group > 8)."""
@@ -70,6 +78,8 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
     ("fp16", 128, 7, 128, False), ("bf16", 128, 4, 16, False, 2, CAUSAL), ("fp16", 64, 3, 16, True, 4, TREE),
     ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK)]]
+SPECIALIZATIONS += [("decode.cu", merge_kernel_name(*spec)) for spec in [
+    ("bf16", 32, 128, 4), ("fp16", 64, 64, 3), ("bf16", 64, 256, 16), ("fp16", 32, 80, 1), ("bf16", 64, 96, 7)]]
 
 
 @dataclass(frozen=True)
@@ -187,17 +197,19 @@ class DecodeWrapper:
                 fail("qo_indptr", "at most kv_len query tokens per request (their keys are in the cache)",
                      f"qo_len {int(qo_lens.max())} with kv lengths down to {int(lens.min())}")
         max_tokens = self.max_qo_len if self.use_cuda_graph else int(qo_lens.max())
-        group, scale, cap, window, spec, kernel, target = self._config(
+        group, scale, cap, window, spec, kernel, target, merger = self._config(
             q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, table.page_size, sm_scale, logits_soft_cap,
             window_left, max_tokens, mask)
         shape = (num_qo_heads, num_kv_heads, head_dim, spec.rows)
         if on_device:
             capacity = self._graph_buffers(group, spec, num_kv_heads, target, shape, 0)
+            split = batch * -(-int(qo_lens[0]) * group // spec.rows) < target // num_kv_heads  # as plan.cu
             page_ids = self._plan_on_device(table, int(qo_lens[0]), group, spec, target // num_kv_heads, window,
                                             mask)
         else:
             work, requests = self._work_list(qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads,
                                              target, window, mask, mask_offsets)
+            split = work.num_slots > 0
             page_ids_dev, host_ids = self._page_ids_source(table)
             mask_bytes = 0 if mask_bits is None else mask_bits.numel()
             if self.use_cuda_graph:
@@ -212,16 +224,19 @@ class DecodeWrapper:
             if mask_bits is not None:
                 self._buffers["mask"][:mask_bytes].copy_(mask_bits, non_blocking=True)
 
+        # A graph replays the launches of its capture: merge_split or not, correct for any later plan.
+        merger = merger if split else None
         b = self._buffers
         qk_scale = scale / cap if cap > 0 else scale * LOG2E
         ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
         self._plan = dict(
             kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
-            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem,
+            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem, merger=merger,
             work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
-                       np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window)),
+                       np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window),
+                       np.int32(merger is not None)),  # merge_apart
             keep_alive=page_ids)  # the kernel reads these page ids by address
 
     def _work_list(self, qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads, target, window, mask,
@@ -314,7 +329,12 @@ class DecodeWrapper:
         kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
-        self._configs[key] = (group, scale, cap, window, spec, kernel, target)
+        import os
+        merger = (get_kernel(spec.source, merge_kernel_name(_DTYPE_TAGS[q_dtype], spec.rows, head_dim, group),
+                             device_index=self.device.index)
+                  if spec.source == "decode.cu" and spec.rows >= _MERGE_APART_ROWS
+                  and os.environ.get("PAGEDINFER_MERGE_APART", "1") != "0" else None)
+        self._configs[key] = (group, scale, cap, window, spec, kernel, target, merger)
         return self._configs[key]
 
     def _kernel_spec(self, dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool,
@@ -421,10 +441,14 @@ class DecodeWrapper:
         else:
             check_rows("out", out, shape, p["dtype"], self.device)
         lse = torch.empty(shape[:2], dtype=torch.float32, device=self.device) if return_lse else None
+        out_args = (np.uint64(out.data_ptr()), np.int64(out.stride(0)), np.int64(out.stride(1)),
+                    np.uint64(lse.data_ptr() if return_lse else 0))
         p["kernel"].launch_prepared(p["grid"], p["threads"], (
             np.uint64(q.data_ptr()), np.int64(q.stride(0)), np.int64(q.stride(1)), *cache_args, *p["work_args"],
-            np.uint64(out.data_ptr()), np.int64(out.stride(0)), np.int64(out.stride(1)),
-            np.uint64(lse.data_ptr() if return_lse else 0), *p["tail_args"]), p["smem"])
+            *out_args, *p["tail_args"]), p["smem"])
+        if p["merger"] is not None:  # items, requests, item count; partial outputs and LSEs
+            p["merger"].launch_prepared(p["grid"], p["threads"], (
+                *p["work_args"][1:4], *p["tail_args"][:2], *out_args))
         return (out, lse) if return_lse else out
 
 

@@ -142,6 +142,24 @@ def test_long_context_split_with_tree():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("apart", ["1", "0"])
+@pytest.mark.parametrize("qo_lens,tree", [([8], False), ([16, 3], True), ([8, 8, 1, 5], False)])
+def test_split_units_of_many_rows_merge_in_a_second_launch(monkeypatch, apart, qo_lens, tree):
+    """Split work units of 32 or more query rows leave their chunks' partials to merge_split, each chunk's CTA
+    merging a share of the rows (PAGEDINFER_MERGE_APART=0: the last chunk's CTA merges them all)."""
+    monkeypatch.setenv("PAGEDINFER_MERGE_APART", apart)
+    rng = np.random.default_rng(len(qo_lens))
+    case = make_case(rng, ("bf16", 128, 4, 16, False), qo_lens=qo_lens, tree=tree)
+    lens = [n + int(rng.integers(5000, 30000)) for n in qo_lens]
+    case.update(zip(("cache", "table", "layout"), build_paged(rng, lens, 16, 2, 128, torch.bfloat16, "cuda")))
+    case["q"] = random_queries(rng, sum(qo_lens), 8, 2, 128, torch.bfloat16, "cuda")
+    case["options"] = dict(sm_scale=None, logits_soft_cap=None, window_left=-1)
+    wrapper = VerifyWrapper("cuda", kv_layout=case["layout"])
+    check_against_reference(case, *run_case(case, wrapper))
+    assert (wrapper._plan["merger"] is not None) == (apart == "1")
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_after_a_new_plan():
     rng = np.random.default_rng(9)
     spec = ("bf16", 128, 4, 16, False)
