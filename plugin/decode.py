@@ -15,6 +15,7 @@ device: no host work list, no copy, no device->host read.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,7 +330,6 @@ class DecodeWrapper:
         kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
-        import os
         merger = (get_kernel(spec.source, merge_kernel_name(_DTYPE_TAGS[q_dtype], spec.rows, head_dim, group),
                              device_index=self.device.index)
                   if spec.source == "decode.cu" and spec.rows >= _MERGE_APART_ROWS
