@@ -116,12 +116,14 @@ __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, in
     lse[(i64)token * kv_heads * GROUP + qh] = den > 0.f ? (mx + __log2f(den)) * LN2 : NEG_INF;
 }
 
-// The last CTA merges rows [0, rows_here) of its block, each thread four dims of one row at a time.
+// Merges the (row, 4 dims) pairs [begin, end) of a block's rows, one pair per thread at a time: all of them
+// in the last chunk's CTA, or a share in each of merge_split's CTAs (decode.cu).
 template <typename T, int ROWS, int HEAD_DIM, int GROUP>
-__device__ __forceinline__ void merge_chunks(const Item& it, const Request& rq, int row0, int rows_here, int kv_head,
-                                             int kv_heads, const float* partial_o, const float* partial_lse,
-                                             u16* out, i64 out_stride_tok, i64 out_stride_head, float* lse) {
-  for (int idx = threadIdx.x; idx < rows_here * HEAD_DIM / 4; idx += blockDim.x)
+__device__ __forceinline__ void merge_chunks(const Item& it, const Request& rq, int row0, int begin, int end,
+                                             int kv_head, int kv_heads, const float* partial_o,
+                                             const float* partial_lse, u16* out, i64 out_stride_tok,
+                                             i64 out_stride_head, float* lse) {
+  for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x)
     merge_pair<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, idx / (HEAD_DIM / 4), idx % (HEAD_DIM / 4), kv_head,
                                          kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }

@@ -346,8 +346,8 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     }
   }
   if (whole || merge_apart || !last_chunk(it, counters, kv_head, kv_heads)) return;
-  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, rows_here, kv_head, kv_heads, partial_o, partial_lse, out,
-                                         out_stride_tok, out_stride_head, lse);
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, 0, rows_here * HEAD_DIM / 4, kv_head, kv_heads, partial_o,
+                                         partial_lse, out, out_stride_tok, out_stride_head, lse);
 }
 
 // After decode with merge_apart: CTA (KV head, item) of a split chunk merges its share of its (request, row
@@ -369,8 +369,6 @@ merge_split(const attention::Item* __restrict__ items, const attention::Request*
   const int row0 = it.row_block * ROWS, rows_here = min(ROWS, rq.qo_len * GROUP - row0);
   const int pairs = rows_here * HEAD_DIM / 4, share = it.slot - it.first_slot;
   const int begin = (int)((i64)share * pairs / it.chunks), end = (int)((i64)(share + 1) * pairs / it.chunks);
-  for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x)
-    merge_pair<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, idx / (HEAD_DIM / 4), idx % (HEAD_DIM / 4), blockIdx.x,
-                                         gridDim.x, partial_o, partial_lse, out, out_stride_tok, out_stride_head,
-                                         lse);
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, begin, end, blockIdx.x, gridDim.x, partial_o, partial_lse, out,
+                                         out_stride_tok, out_stride_head, lse);
 }

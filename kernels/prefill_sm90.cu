@@ -374,6 +374,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     }
   }
   if (whole || !last_chunk(it, counters, kv_head, kv_heads)) return;
-  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, min(ROWS, rq.qo_len * GROUP - row0), kv_head, kv_heads,
-                                         partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, 0, min(ROWS, rq.qo_len * GROUP - row0) * HEAD_DIM / 4, kv_head,
+                                         kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }
