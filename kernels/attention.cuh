@@ -84,8 +84,8 @@ __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv
 }
 
 // Merges dims 4 * d4 .. + 3 of row `row` of a (request, row block) over all its chunks' partial (output,
-// base-2 LSE) into out and lse: an online log-sum-exp merge whose loads (the chunk's LSE and output) do not
-// depend on the running state, so the unrolled loop keeps them in flight.
+// base-2 LSE) into out and lse, 16 chunks at a time: a block's loads are issued together (predicated past the
+// last chunk, so no remainder runs them one by one), then folded into an online log-sum-exp.
 template <typename T, int ROWS, int HEAD_DIM, int GROUP>
 __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, int row0, int row, int d4, int kv_head,
                                            int kv_heads, const float* partial_o, const float* partial_lse, u16* out,
@@ -93,20 +93,30 @@ __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, in
   const int r = row0 + row;
   float mx = NEG_INF, den = 0.f;
   float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-  for (int c = 0; c < it.chunks; ++c) {
-    const i64 at = ((i64)(it.first_slot + c) * kv_heads + kv_head) * ROWS + row;
-    const float part_lse = __ldcg(partial_lse + at);
-    const float4 part = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
-    const float m_new = fmaxf(mx, part_lse);
-    const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
-    const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse - base);
-    mx = m_new;
-    den = den * keep + w;
-    num.x = num.x * keep + w * part.x;
-    num.y = num.y * keep + w * part.y;
-    num.z = num.z * keep + w * part.z;
-    num.w = num.w * keep + w * part.w;
+  constexpr int BLOCK = 16;
+  for (int c0 = 0; c0 < it.chunks; c0 += BLOCK) {
+    float part_lse[BLOCK];
+    float4 part[BLOCK];
+#pragma unroll
+    for (int j = 0; j < BLOCK; ++j) {
+      const i64 at = ((i64)(it.first_slot + c0 + j) * kv_heads + kv_head) * ROWS + row;
+      const bool real = c0 + j < it.chunks;
+      part_lse[j] = real ? __ldcg(partial_lse + at) : NEG_INF;  // weighs 0
+      part[j] = real ? __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < BLOCK; ++j) {
+      const float m_new = fmaxf(mx, part_lse[j]);
+      const float base = m_new == NEG_INF ? 0.f : m_new;  // chunks where the row saw no key weigh 0
+      const float keep = fast_exp2(mx - base), w = fast_exp2(part_lse[j] - base);
+      mx = m_new;
+      den = den * keep + w;
+      num.x = num.x * keep + w * part[j].x;
+      num.y = num.y * keep + w * part[j].y;
+      num.z = num.z * keep + w * part[j].z;
+      num.w = num.w * keep + w * part[j].w;
+    }
   }
   const float inv = den > 0.f ? 1.f / den : 0.f;
   const int token = rq.qo_start + r / GROUP, qh = kv_head * GROUP + r % GROUP;
