@@ -1,23 +1,27 @@
 """Compile-time variants of the attention kernels side by side in one process. Each argument NAME=D1,D2:v
 compiles every kernel with those defines (-DD1=1 -DD2=v); a define written @VAR:v sets the environment
 variable VAR=v for that variant's plans instead (e.g. @PAGEDINFER_MERGE_APART:0). It times the small decode
-batches under CUDA-graph replay (20 calls) and verify eagerly, on the same inputs as the baseline (no
-defines). Every variant must give outputs within bf16 tolerance of the baseline. Prints one table; writes
-ab.json to $OUT.
-    python3 benchmarks/ab.py fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
+batches under CUDA-graph replay (20 calls), verify and prefill (causal, and the causal pattern as a custom
+mask) eagerly, on the same inputs as the baseline (no defines). Every variant must give outputs within bf16
+tolerance of the baseline. Prints one table; writes ab.json to $OUT.
+    python3 benchmarks/ab.py [--ops=decode,verify,prefill] fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
 import os
 import sys
 
 import torch
-from common import case_inputs, planned_decode, planned_verify, save_and_print
+from common import case_inputs, planned_decode, planned_prefill, planned_verify, save_and_print
 
 from pagedinfer import bench, kernels
 from pagedinfer.decode import DecodeWrapper
+from pagedinfer.prefill import PrefillWrapper
 from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 4, 8192), ((32, 8, 128), 64, 8192),
           ((9, 3, 64), 1, 2048)]
 VERIFY = [((32, 8, 128), 1, 8, 32768), ((32, 8, 128), 64, 8, 4096), ((32, 8, 128), 16, 16, 8192)]
+PREFILL = [((32, 8, 128), 1, 4096, 4096), ((32, 8, 128), 16, 1024, 1024), ((32, 8, 128), 8, 512, 4608),
+           ((9, 3, 64), 8, 2048, 2048)]  # heads, batch, new tokens, kv_len
+OPS = ("decode", "verify", "prefill")
 
 
 def parse(argument: str) -> tuple[str, dict]:
@@ -65,19 +69,29 @@ def timed(variants, case, make, time_it) -> dict:
 
 
 def main():
-    variants = [("baseline", {})] + [parse(a) for a in sys.argv[1:]]
+    args = sys.argv[1:]
+    ops = args.pop(0)[len("--ops="):].split(",") if args and args[0].startswith("--ops=") else OPS
+    variants = [("baseline", {})] + [parse(a) for a in args]
     rows = []
-    for heads, batch, kv_len in DECODE:
+    for heads, batch, kv_len in DECODE if "decode" in ops else []:
         case = case_inputs(heads, batch, kv_len)
         t = timed(variants, case, lambda c: planned_decode(DecodeWrapper, c),
                   lambda c, w, out: bench.graph_us(lambda: w.run(c.q, c.kv, out=out)))
         rows.append((f"decode graph {'/'.join(map(str, heads))} {batch}x{kv_len}", t))
         del case
         torch.cuda.empty_cache()
-    for heads, batch, drafts, kv_len in VERIFY:
+    for heads, batch, drafts, kv_len in VERIFY if "verify" in ops else []:
         case = case_inputs(heads, batch, kv_len, drafts)
         t = timed(variants, case, lambda c: planned_verify(VerifyWrapper, c), eager_us)
         rows.append((f"verify eager {'/'.join(map(str, heads))} {batch}x{drafts}x{kv_len}", t))
+        del case
+        torch.cuda.empty_cache()
+    for heads, batch, qo_len, kv_len in PREFILL if "prefill" in ops else []:
+        case = case_inputs(heads, batch, kv_len, qo_len)
+        for custom in (False, True):
+            t = timed(variants, case, lambda c, custom=custom: planned_prefill(PrefillWrapper, c, custom), eager_us)
+            rows.append((f"prefill {'custom' if custom else 'causal'} {'/'.join(map(str, heads))} "
+                         f"{batch}x{qo_len}+{kv_len - qo_len}", t))
         del case
         torch.cuda.empty_cache()
     save_and_print("ab", rows, [n for n, _ in variants], variants=variants)

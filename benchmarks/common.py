@@ -84,6 +84,21 @@ def planned_verify(cls, case: SimpleNamespace):
     return w
 
 
+def planned_prefill(cls, case: SimpleNamespace, custom: bool):
+    """A `cls` (PrefillWrapper), eager, planned causal for the case's query tokens (the last of each request's
+    keys), or with the causal pattern given as a packed custom mask."""
+    from pagedinfer.masks import pack_masks
+    w, lens = cls("cuda"), case.table.kv_lens().cpu()
+    hosts = dict(kv_lens_host=lens, indptr_host=case.indptr.cpu())
+    if not custom:
+        w.plan(case.qo_indptr, case.table, *case.heads, causal=True, **hosts)
+        return w
+    qo_len, kv_len = int(case.qo_indptr[1]), int(lens[0])
+    packed, mask_indptr = pack_masks([torch.ones(qo_len, kv_len, dtype=torch.bool).tril(kv_len - qo_len)] * case.batch)
+    w.plan(case.qo_indptr, case.table, *case.heads, custom_mask=packed, mask_indptr=mask_indptr, **hosts)
+    return w
+
+
 def save_and_print(name: str, rows: list, columns: list[str], **extra) -> None:
     """rows [(label, {column: us})] to $OUT (else the working directory)/<name>.json, then as a table."""
     with open(os.path.join(os.environ.get("OUT", "."), f"{name}.json"), "w") as f:
