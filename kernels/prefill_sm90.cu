@@ -4,11 +4,12 @@
 //
 // A CTA is two warpgroups over one work item: 128 query rows ((token, head of the group) pairs,
 // token-major, 64 per warpgroup) of one request and KV head, against a range of its keys. K and V tiles of
-// 128 tokens stream global -> shared with 16-byte cp.async, STAGES deep, laid out as wgmma wants them:
-// 64-dim column blocks of 128-byte rows, 16-byte chunks swizzled by the row (XOR of row % 8), so each tile
-// is read by the tensor cores straight from shared memory with no bank conflicts. The queries stay in
-// registers as the A operand of S = Q K^T (wgmma m64n64k16, K-major B); P, converted from S's
-// accumulators in place (their layout is the A operand's), is the A operand of O += P V (V transposed).
+// 128 tokens stream global -> shared with 16-byte cp.async through STAGES stages, laid out as wgmma wants
+// them: 64-dim column blocks of 128-byte rows, 16-byte chunks swizzled by the row (XOR of row % 8), so each
+// tile is read by the tensor cores straight from shared memory with no bank conflicts. The queries sit in
+// shared memory in the same layout (S = Q K^T, wgmma m64n64k16, both operands K-major); P, converted from
+// S's accumulators (their layout is the A operand's), is the register A operand of O += P V (V transposed).
+// Each warpgroup overlaps the softmax of tile t with the P V of tile t - 1 on the tensor cores.
 // (A warp-specialised version, a producer warpgroup on mbarriers feeding two consumer warpgroups that take
 // turns on the tensor cores, measured no faster on the H100: see benchmarks/NOTES.md.)
 #include "attention.cuh"
@@ -20,6 +21,7 @@ constexpr int WARPGROUPS = 2;
 constexpr int THREADS = WARPGROUPS * 128;
 constexpr int ROWS = WARPGROUPS * 64;  // query rows per CTA
 constexpr int TILE = 128;              // keys per pipeline stage; plan() splits in multiples of it
+static_assert(ROWS == TILE, "the Q tile is laid out as a K tile");
 
 // A compile-time flag as a value: a generic lambda called with Flag<true>() and Flag<false>() is two copies.
 template <bool B> struct Flag { static constexpr bool value = B; };
@@ -85,9 +87,26 @@ __device__ __forceinline__ void wgmma_64x64(fp16, float (&d)[32], const u32 (&a)
   PI_WGMMA_64X64("f16");
 }
 
+// The same with a from shared memory too (descriptor), both K-major: S = Q K^T with Q in shared memory.
+#define PI_WGMMA_64X64_SS(TYPE)                                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                              \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " PI_WGMMA_D32                 \
+               ", %32, %33, p, 1, 1, 0, 0;\n}"                                                             \
+               : PI_WGMMA_OUTS(d)                                                                          \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+__device__ __forceinline__ void wgmma_64x64_ss(bf16, float (&d)[32], unsigned long long desc_a,
+                                               unsigned long long desc_b, int accumulate) {
+  PI_WGMMA_64X64_SS("bf16");
+}
+__device__ __forceinline__ void wgmma_64x64_ss(fp16, float (&d)[32], unsigned long long desc_a,
+                                               unsigned long long desc_b, int accumulate) {
+  PI_WGMMA_64X64_SS("f16");
+}
+
 }  // namespace prefill_sm90
 
-// STAGES and the dynamic shared memory (STAGES * 2 * TILE_BYTES + 1024 for alignment) are chosen by plan().
+// STAGES and the dynamic shared memory ((STAGES * 2 + 1) * TILE_BYTES: the stages and the Q tile, + 1024 for
+// alignment) are chosen by plan().
 template <typename T, int HEAD_DIM, int GROUP, int PAGE_SIZE, bool SOFT_CAP, int STAGES, int MASK>
 __global__ void __launch_bounds__(prefill_sm90::THREADS, 1)
 prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
@@ -105,6 +124,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
+  static_assert(STAGES >= 3, "tiles t - 1 and t resident while a later one copies");
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
   const Request rq = requests[it.req];
@@ -127,16 +147,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     head[h] = r % GROUP;
     real[h] = tok[h] < rq.qo_len;
   }
-  u32 qa[S::KSTEPS][4];  // A fragments: rows g, g + 8; columns 2 t4 (+1), 2 t4 + 8 (+1) of each k-step
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const u16* qp = q + (i64)(rq.qo_start + tok[h]) * q_stride_tok + (i64)(q_head0 + head[h]) * q_stride_head + 2 * t4;
-#pragma unroll
-    for (int ks = 0; ks < S::KSTEPS; ++ks) {
-      qa[ks][h] = real[h] ? *reinterpret_cast<const u32*>(qp + ks * 16) : 0u;
-      qa[ks][h + 2] = real[h] ? *reinterpret_cast<const u32*>(qp + ks * 16 + 8) : 0u;
-    }
-  }
   // Keys this warpgroup's rows may see: the first and last of its query tokens bound the causal diagonal
   // and the window, so tiles wholly inside need no per-element mask.
   const int wg_tok_lo = (row0 + wg * 64) / GROUP, wg_tok_hi = (row0 + wg * 64 + 63) / GROUP;
@@ -153,9 +163,10 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       pages[k] = token < it.end ? page_ids[it.row_start + (u32)token / PAGE_SIZE] : -1;  // u32: a shift
     }
   };
-  auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {
+  // Tile t goes to stage t % STAGES (the pipeline runs STAGES - 1 deep: see the loop).
+  auto issue_tile = [&](int t, int, const int (&pages)[S::CPT]) {
     const u32 first_token = it.begin + t * TILE + crow0;
-    const u32 k_dst = smem0 + stage * 2 * S::TILE_BYTES + chunk_off;
+    const u32 k_dst = smem0 + (t % STAGES) * 2 * S::TILE_BYTES + chunk_off;
     // Slot in the page: the same for every row of the thread when ROW_STEP is a multiple of PAGE_SIZE.
     const i64 first_slot_off = (i64)(first_token % PAGE_SIZE) * token_stride;
 #pragma unroll
@@ -171,8 +182,19 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     }
   };
 
+  // The queries go to shared memory behind the stages, laid out as a K tile (rows = the CTA's query rows),
+  // with tile 0's copies: the A operand of S = Q K^T is read from there, which keeps registers for the
+  // overlap below.
+  const u32 q_tile = smem0 + STAGES * 2 * S::TILE_BYTES;
+#pragma unroll
+  for (int k = 0; k < S::CPT; ++k) {
+    const int r = row0 + crow0 + k * S::ROW_STEP, token = r / GROUP;
+    const bool ok = token < rq.qo_len;
+    const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
+    cp_async16(q_tile + chunk_off + k * S::ROW_STEP * 128, src + vec * 8, ok);
+  }
   int pages[S::CPT];
-  pipeline_start<STAGES>(n_tiles, pages, fetch_pages, issue_tile);
+  pipeline_start<STAGES - 1>(n_tiles, pages, fetch_pages, issue_tile);
 
   float o[S::BLOCKS][32];
 #pragma unroll
@@ -182,14 +204,17 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 
   auto k_tile = [&](int t) { return smem0 + (t % STAGES) * 2 * S::TILE_BYTES; };
-  // S = Q K^T for tile t: two 64-key halves, HEAD_DIM / 16 k-steps of 32 bytes inside a 128-byte row each.
+  // S = Q K^T for tile t: two 64-key halves, HEAD_DIM / 16 k-steps of 32 bytes inside a 128-byte row each;
+  // this warpgroup's 64 query rows of the Q tile.
   auto issue_qk = [&](int t, float (&s)[2][32]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) pin(s[half]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < S::KSTEPS; ++kk)
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        wgmma_64x64<0>(T(), s[half], qa[kk],
+        wgmma_64x64_ss(T(), s[half], smem_desc(q_tile + (kk / 4) * S::BLOCK_BYTES + wg * 64 * 128 + (kk % 4) * 32, 16, 1024),
                        smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + half * 64 * 128 + (kk % 4) * 32, 16, 1024),
                        kk > 0);
     wgmma_commit();
@@ -236,23 +261,49 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       }
     return any != 0u;
   };
-  // Whether tile t needs the per-element mask in this warpgroup: past the item's end, across the causal
-  // diagonal or the window start of its rows, or a custom mask.
-  auto is_edge = [&](int t) {
-    const int first = it.begin + t * TILE;
-    return MASK == CUSTOM || first + TILE > it.end || (MASK == CAUSAL && first + TILE - 1 > prefix + wg_tok_lo) ||
-           (window_left >= 0 && first < prefix + wg_tok_hi - window_left);
+  // Custom mask: each of the thread's rows sees every key in [run.x, run.y) (plan() puts this table of q's
+  // rows before the masks), so a tile inside both runs needs no mask words: most tiles of a causal-like mask.
+  int2 run[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    run[h] = MASK == CUSTOM && real[h] ? reinterpret_cast<const int2*>(mask_bits)[rq.qo_start + tok[h]]
+                                       : make_int2(0, 0x7fffffff);
+  auto in_runs = [&](int t) {
+    const int first = it.begin + t * TILE, last = min(first + TILE, it.end) - 1;
+    return first >= run[0].x && last < run[0].y && first >= run[1].x && last < run[1].y;
   };
-  // Masks, online softmax in base 2 and P = exp2(S - max) as A fragments of tile t; updates m and l and
+  // Whether this thread's rows see every key of a tile by the custom mask words `bits`.
+  auto all_ones = [&](const u32 (&bits)[2][4]) {
+    u32 all = ~0u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) all &= real[h] ? bits[h][i] : ~0u;
+    return all == ~0u;
+  };
+  // Whether tile t needs the per-element mask in this warp: past the item's end, across the causal
+  // diagonal or the window start of its warpgroup's rows, or (custom mask) a row of the warp not seeing all
+  // of it (`ones`: all_ones of this thread's rows).
+  auto is_edge = [&](int t, bool ones) {
+    const int first = it.begin + t * TILE;
+    const bool edge = first + TILE > it.end || (MASK == CAUSAL && first + TILE - 1 > prefix + wg_tok_lo) ||
+                      (window_left >= 0 && first < prefix + wg_tok_hi - window_left);
+    return MASK == CUSTOM ? !__all_sync(0xffffffffu, !edge && ones) : edge;  // one softmax copy per warp
+  };
+  // Masks, online softmax in base 2 and P = exp2(S - max) in place of tile t's S; updates m and l and
   // returns in `rescale` the factor the output rows must take before this tile's P V. `edge` (Flag<true>
   // or Flag<false>) makes two copies: the tiles inside the mask carry no masking instructions at all. The
   // scale goes into the max and the exponent's FFMA rather than a multiply per element (without soft cap).
-  auto softmax = [&](auto edge, int t, float (&s)[2][32], u32 (&pa)[TILE / 16][4], float (&rescale)[2],
-                     const u32 (&bits)[2][4]) {
+  auto softmax = [&](auto edge, int t, float (&s)[2][32], float (&rescale)[2], const u32 (&bits)[2][4]) {
     pin(s[0]);
     pin(s[1]);
     const int first = it.begin + t * TILE;
     const float scale = SOFT_CAP ? 1.f : qk_scale;  // what s must still be multiplied by
+    u32 own[2][4];  // the mask words shifted to this thread's first key: each element's bit at a fixed place
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) own[h][w] = bits[h][w] >> (2 * t4);
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -264,7 +315,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
           bool visible = key < it.end && (window_left < 0 || key >= prefix + tok[h] - window_left);
           if (MASK == CAUSAL) visible = visible && key <= prefix + tok[h];
           if (MASK == CUSTOM)  // key - first = 64 half + 8 j + 2 t4 + e: word 2 half + j / 4 (static)
-            visible = visible && ((bits[h][2 * half + i / 16] >> (8 * ((i / 4) % 4) + 2 * t4 + (i & 1))) & 1u);
+            visible = visible && ((own[h][2 * half + i / 16] >> (8 * ((i / 4) % 4) + (i & 1))) & 1u);
           x = visible ? x : NEG_INF;
         }
         s[half][i] = x;
@@ -295,7 +346,10 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
           }
       l[h] = l[h] * rescale[h] + sum;
     }
-    // k-step kk of P V covers keys 16 kk .. 16 kk + 15: the n8 column groups 2 kk and 2 kk + 1 of S.
+  };
+  // P (in s) as the A fragments of P V: k-step kk covers keys 16 kk .. 16 kk + 15, the n8 column groups
+  // 2 kk and 2 kk + 1 of S.
+  auto pack_p = [&](const float (&s)[2][32], u32 (&pa)[TILE / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; ++kk) {
       const float* c = s[kk / 4] + 8 * (kk % 4);
@@ -314,30 +368,63 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   float s[2][32], rescale[2];
   u32 pa[TILE / 16][4];
   u32 bits[2][4], next_bits[2][4];  // custom mask words of tiles t and t + 1 (loaded a tile ahead)
-  if (MASK == CUSTOM) load_bits(0, next_bits);
-  for (int t = 0; t < n_tiles; ++t) {
-    cp_async_wait<STAGES - 2>();  // tile t
+  bool visible = true, ones = false;
+  if (MASK == CUSTOM && !in_runs(0)) load_bits(0, next_bits);
+  // Tile t ready for every warp. Then tile t + STAGES - 2 starts to copy into the stage of tile t - 2, whose
+  // P V every warp has finished: tile t - 1's P V may still be running (the loop overlaps it with tile t's
+  // softmax), so the pipeline runs one tile shallower than its stages.
+  auto arrive = [&](int t) {
+    cp_async_wait<STAGES - 3>();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> tensor-core reads
-    bool visible = true;
     if (MASK == CUSTOM) {
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int i = 0; i < 4; ++i) bits[h][i] = next_bits[h][i];
       // A tile no row of the CTA may see by its mask is skipped (e.g. above a causal-shaped mask's diagonal).
-      visible = __syncthreads_or(any_bit(t, bits));
-      if (t + 1 < n_tiles) load_bits(t + 1, next_bits);
+      const bool inside = in_runs(t);
+      visible = __syncthreads_or(inside || any_bit(t, bits));
+      ones = inside || all_ones(bits);
+      // Tile t's words are read again (from L1) only where its softmax masks per element, so the words of
+      // two tiles are not held through the softmax (registers).
+      if (t + 1 < n_tiles && !in_runs(t + 1)) load_bits(t + 1, next_bits);
     } else {
       __syncthreads();
     }
-    pipeline_next<STAGES>(t, n_tiles, pages, fetch_pages, issue_tile);
-    if (!visible) continue;
-    issue_qk(t, s);
-    wgmma_wait<0>();
-    if (is_edge(t)) softmax(Flag<true>(), t, s, pa, rescale, bits);
-    else softmax(Flag<false>(), t, s, pa, rescale, bits);
-    rescale_o(rescale);
-    issue_pv(t, pa);
+    pipeline_next<STAGES - 1>(t, n_tiles, pages, fetch_pages, issue_tile);
+  };
+  // Tile t: S = Q K^T and the P V of the last visible tile before it go to the tensor cores together; the
+  // softmax of S runs while that P V does, then the output takes tile t's rescale and P becomes the next A.
+  int pending = -1;  // the tile whose P (in pa) still awaits its P V
+  arrive(0);
+  for (int t = 0; t < n_tiles; ++t) {
+    if (visible) {
+      issue_qk(t, s);
+      if (pending >= 0) {
+        issue_pv(pending, pa);
+        wgmma_wait<1>();  // S; P V runs on
+      } else {
+        wgmma_wait<0>();
+      }
+      if (is_edge(t, ones)) {
+        if (MASK == CUSTOM) load_bits(t, bits);
+        softmax(Flag<true>(), t, s, rescale, bits);
+      } else {
+        softmax(Flag<false>(), t, s, rescale, bits);
+      }
+      wgmma_wait<0>();
+      rescale_o(rescale);
+      pack_p(s, pa);
+      pending = t;
+    } else if (pending >= 0) {
+      issue_pv(pending, pa);
+      wgmma_wait<0>();
+      pending = -1;
+    }
+    if (t + 1 < n_tiles) arrive(t + 1);
+  }
+  if (pending >= 0) {
+    issue_pv(pending, pa);
     wgmma_wait<0>();
   }
 #pragma unroll

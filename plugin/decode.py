@@ -181,10 +181,11 @@ class DecodeWrapper:
     def _plan_requests(self, table, qo_starts: np.ndarray, qo_lens: np.ndarray, num_qo_heads: int,
                        num_kv_heads: int, head_dim: int, *, q_dtype, kv_dtype, sm_scale, logits_soft_cap,
                        window_left, kv_lens_host, indptr_host, mask: int = NO_MASK, mask_bits=None,
-                       mask_offsets: np.ndarray | None = None) -> None:
+                       mask_offsets: np.ndarray | None = None, mask_spans=None) -> None:
         """The plan shared by decode, verify and prefill: request i has qo_lens[i] query tokens from row
         qo_starts[i] of q, the last qo_lens[i] keys of its KV being their own. `mask_bits` (uint8 on the
-        device) holds the packed tree or custom masks, request i's at byte mask_offsets[i]."""
+        device) holds the packed tree or custom masks, request i's at byte mask_offsets[i]; `mask_spans`
+        (custom masks) the keys each query token's row sees, as masks.visible_spans gives them."""
         batch = table.batch_size
         on_device = self._plans_on_device(table, qo_lens, mask)
         if on_device:
@@ -209,7 +210,7 @@ class DecodeWrapper:
                                             mask)
         else:
             work, requests = self._work_list(qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads,
-                                             target, window, mask, mask_offsets)
+                                             target, window, mask, mask_offsets, mask_spans)
             split = work.num_slots > 0
             page_ids_dev, host_ids = self._page_ids_source(table)
             mask_bytes = 0 if mask_bits is None else mask_bits.numel()
@@ -241,7 +242,7 @@ class DecodeWrapper:
             keep_alive=page_ids)  # the kernel reads these page ids by address
 
     def _work_list(self, qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads, target, window, mask,
-                   mask_offsets) -> tuple[planning.WorkList, np.ndarray]:
+                   mask_offsets, mask_spans) -> tuple[planning.WorkList, np.ndarray]:
         """Work units (request, block of `spec.rows` query rows), each over the keys its rows can see, cut
         into items by split_kv; and the per-request table."""
         batch, block = qo_lens.shape[0], spec.rows
@@ -256,6 +257,8 @@ class DecodeWrapper:
             ends = np.minimum(ends, prefix[unit_req] + last_tok + 1)
         begins = (np.maximum(0, prefix[unit_req] + first_tok - window) if window >= 0
                   else np.zeros_like(ends))
+        if mask_spans is not None:
+            begins, ends = self._custom_bounds(begins, ends, mask_spans, qo_lens, unit_req, first_tok, last_tok)
         work = planning.split_kv(row_starts[unit_req], begins, ends, kv_heads=num_kv_heads, tile=spec.tile,
                                  target_ctas=target, min_chunk=spec.min_chunk)
         work.items[:, 7] = unit_block[work.items[:, 0]]
@@ -266,6 +269,23 @@ class DecodeWrapper:
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
         return work, requests
+
+    @staticmethod
+    def _custom_bounds(begins, ends, mask_spans, qo_lens, unit_req, first_tok, last_tok):
+        """Narrows each unit's keys to those its rows' custom masks set, so that masked-off keys cost
+        nothing and split_kv balances the true work (a causal pattern given as bits plans as causal). A
+        unit that sees no key keeps one (its rows come out as zeros with LSE -inf)."""
+        first, end = mask_spans
+        tok0 = (np.cumsum(qo_lens) - qo_lens)[unit_req]
+        # Units hold consecutive tokens of a request; neighbours may share one when rows % group != 0, so
+        # each range is [its first token, the next unit's first) plus its last token.
+        lo, hi = tok0 + first_tok, tok0 + last_tok
+        unit_first = np.minimum(np.minimum.reduceat(first, lo), first[hi])
+        unit_end = np.maximum(np.maximum.reduceat(end, lo), end[hi])
+        begins, ends = np.maximum(begins, unit_first), np.minimum(ends, unit_end)
+        empty = begins >= ends
+        begins = np.where(empty, np.minimum(begins, ends - 1).clip(min=0), begins)
+        return begins, np.where(empty, begins + 1, ends)
 
     def _graph_buffers(self, group, spec, num_kv_heads, target, shape, mask_bytes: int) -> int:
         """CUDA-graph mode: the fixed buffers, sized for the capacities; returns the grid's item count."""

@@ -12,6 +12,7 @@ Format (the one convention every op and kernel uses):
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .validate import check_tensor, fail
@@ -79,3 +80,28 @@ def _unpack_request(packed, indptr, b: int, rows: int, cols: int, name: str, ind
         fail(name, f"{nbytes} bytes for request {b}'s [{rows}, {cols}] mask at byte {start}",
              f"a segment of {end - start} bytes in a buffer of {packed.numel()}")
     return _unpack_bits(packed, start, rows * cols).view(rows, cols)
+
+
+# Bits unpacked at a time by visible_spans: 32 MB of int32 indices per pass at most.
+_SPAN_BITS = 1 << 23
+
+
+def visible_spans(packed: torch.Tensor, offsets: np.ndarray, qo_lens: np.ndarray,
+                  kv_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every query token of `[qo_len, kv_len]` prefill masks (requests back to back): the first key its
+    row sets, one past the last, and one past the run of set keys from the first ((kv_len, 0, kv_len) for a
+    row that sees nothing). Request b's segment starts at byte offsets[b] of `packed`. Works where `packed`
+    lives; the result comes to the host (a sync for a mask on the GPU)."""
+    firsts, ends, runs = [], [], []
+    for start, q, n in zip(offsets.tolist(), qo_lens.tolist(), kv_lens.tolist()):
+        keys = torch.arange(n, dtype=torch.int32, device=packed.device)
+        rows = max(1, _SPAN_BITS // n)
+        for r0 in range(0, q, rows):
+            r1 = min(q, r0 + rows)
+            bit0 = r0 * n  # row r0 starts mid-byte when n is not a multiple of 8
+            bits = _unpack_bits(packed, start + bit0 // 8, (r1 - r0) * n + bit0 % 8)[bit0 % 8:].view(r1 - r0, n)
+            first = torch.where(bits, keys, n).amin(dim=1)
+            firsts.append(first)
+            ends.append(torch.where(bits, keys + 1, 0).amax(dim=1))
+            runs.append(torch.where(~bits & (keys >= first[:, None]), keys, n).amin(dim=1))
+    return tuple(torch.cat(x).cpu().numpy() for x in (firsts, ends, runs))

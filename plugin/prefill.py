@@ -8,7 +8,9 @@ a prompt with no cached prefix, before they are written to the cache).
 
 Masks: causal (aligned to the end of each request's KV), none, or a packed custom mask per request:
 bit i * kv_len + j set when query token i may attend key j, little bit order, each request's segment
-starting on a byte at mask_indptr[i] (`pagedinfer.pack_masks` of [qo_len, kv_len] bool masks). Sliding
+starting on a byte at mask_indptr[i] (`pagedinfer.pack_masks` of [qo_len, kv_len] bool masks). plan()
+reads a custom mask to give each block of query rows only the keys their rows see (so a mask costs what
+its visible keys cost): a mask on the GPU is read back once (a sync), one on the CPU is not. Sliding
 window (window_left), logits soft cap, sm_scale and the LSE as for decode.
 
 Kernels: on Hopper (sm_90a), head dims 64 and 128, requests of more than 64 query rows (tokens x group)
@@ -17,9 +19,11 @@ dims 80/96/256, short requests) the decode kernel with up to 64 query rows per C
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .decode import CAUSAL, CUSTOM, NO_MASK, DecodeWrapper, KernelSpec, decode_spec
+from .masks import visible_spans
 from .paged import csr_page_table
 from .validate import check_shape, check_tensor, fail
 
@@ -29,14 +33,15 @@ SM90_HEAD_DIMS = (64, 128)
 _SM90_THREADS = 256
 _SM90_ROWS = 128
 _SM90_TILE = 128
-_SM90_SMEM = 200 * 1024  # K/V stages; one CTA per multiprocessor (the registers allow no second)
+_SM90_SMEM = 227 * 1024  # an H100's most per CTA; one CTA per multiprocessor (the registers allow no second)
 
 
 def _sm90_stages(head_dim: int) -> tuple[int, int]:
-    """Pipeline depth (2-4 stages of a K and a V tile) and dynamic shared memory (+1 KB to align)."""
-    stage_bytes = 2 * _SM90_TILE * head_dim * 2
-    stages = max(2, min(4, _SM90_SMEM // stage_bytes))
-    return stages, stages * stage_bytes + 1024
+    """Stages of a K and a V tile (3 or 4) and the dynamic shared memory: the stages, the query tile and
+    1 KB to align."""
+    stage_bytes, q_bytes = 2 * _SM90_TILE * head_dim * 2, _SM90_ROWS * head_dim * 2
+    stages = min(4, (_SM90_SMEM - q_bytes - 1024) // stage_bytes)
+    return stages, stages * stage_bytes + q_bytes + 1024
 
 
 def sm90_kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, mask: int) -> str:
@@ -74,7 +79,7 @@ class PrefillWrapper(DecodeWrapper):
              kv_lens_host: torch.Tensor | None = None, indptr_host: torch.Tensor | None = None) -> None:
         self._check_table(table)
         qo_starts, qo_lens = self._query_offsets(qo_indptr, table.batch_size)
-        mask, mask_offsets = (CAUSAL if causal else NO_MASK), None
+        mask, mask_offsets, spans = (CAUSAL if causal else NO_MASK), None, None
         if custom_mask is not None or mask_indptr is not None:
             if causal:
                 fail("causal, custom_mask", "one of the two", "both")
@@ -86,11 +91,26 @@ class PrefillWrapper(DecodeWrapper):
             lens = self._host_lengths(table, kv_lens_host, indptr_host)[0]
             mask_offsets = self._mask_offsets("custom_mask", custom_mask, "mask_indptr", mask_indptr,
                                               (qo_lens * lens + 7) // 8)
-            mask, custom_mask = CUSTOM, custom_mask.to(self.device)
+            first, end, run_end = visible_spans(custom_mask, mask_offsets, qo_lens, lens)
+            spans, mask = (first, end), CUSTOM
+            custom_mask, mask_offsets = self._with_row_runs(custom_mask, mask_offsets, qo_starts, qo_lens, first,
+                                                            run_end)
         self._plan_requests(table, qo_starts, qo_lens, num_qo_heads, num_kv_heads, head_dim, q_dtype=q_dtype,
                             kv_dtype=kv_dtype, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
                             window_left=window_left, kv_lens_host=kv_lens_host, indptr_host=indptr_host,
-                            mask=mask, mask_bits=custom_mask, mask_offsets=mask_offsets)
+                            mask=mask, mask_bits=custom_mask, mask_offsets=mask_offsets, mask_spans=spans)
+
+    def _with_row_runs(self, custom_mask, mask_offsets, qo_starts, qo_lens, first, run_end):
+        """The mask buffer as kernels/prefill_sm90.cu reads it: per row of q, int32 (first key, end of the
+        run of set keys from it), then the packed masks (their offsets moved past that table). Tiles inside
+        a row's run need none of its bits."""
+        rows = np.zeros((int((qo_starts + qo_lens).max()), 2), dtype=np.int32)
+        index = np.repeat(qo_starts, qo_lens) + np.arange(int(qo_lens.sum())) - np.repeat(np.cumsum(qo_lens) - qo_lens,
+                                                                                          qo_lens)
+        rows[index, 0], rows[index, 1] = first, run_end
+        table = torch.from_numpy(rows).view(torch.uint8).reshape(-1)
+        table = torch.cat([table, table.new_zeros(-table.numel() % 16)])  # the masks stay 16-byte aligned
+        return torch.cat([table.to(self.device), custom_mask.to(self.device)]), mask_offsets + table.numel()
 
 
 def prefill(q, qo_indptr, kv_cache, table, *, causal=False, custom_mask=None, mask_indptr=None,

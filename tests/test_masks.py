@@ -1,8 +1,10 @@
 """Bit-packed masks: round trip, segment alignment, the documented little bit order."""
+import numpy as np
 import pytest
 import torch
 
-from pagedinfer.masks import pack_masks, unpack_mask
+import pagedinfer.masks as masks_module
+from pagedinfer.masks import pack_masks, unpack_mask, visible_spans
 
 
 def test_little_bit_order_hand_example():
@@ -58,3 +60,26 @@ def test_validation_names_the_argument():
         unpack_mask(packed, indptr, 0, 3, 3)  # 9 bits need 2 bytes, the segment has 1
     with pytest.raises(ValueError, match=r"^packed:"):
         unpack_mask(packed.to(torch.int32), indptr, 0, 2, 2)
+
+
+@pytest.mark.parametrize("span_bits", [37, 1 << 23])  # rows unpacked a few at a time, or all at once
+def test_visible_spans_are_each_rows_first_last_and_first_run_of_keys(monkeypatch, span_bits):
+    monkeypatch.setattr(masks_module, "_SPAN_BITS", span_bits)
+    gen = torch.Generator().manual_seed(3)
+    masks = [torch.rand(q, n, generator=gen) < 0.3 for q, n in [(3, 5), (7, 13), (1, 1), (5, 40), (4, 9)]]
+    masks[1][2] = False  # a row that sees nothing: (kv_len, 0, kv_len)
+    masks[3][0] = torch.arange(40) % 7 != 6  # runs of 6 set keys: (0, 40, 6)
+    packed, indptr = pack_masks(masks)
+    got = visible_spans(packed, indptr[:-1].numpy().astype(np.int64), np.array([m.shape[0] for m in masks]),
+                        np.array([m.shape[1] for m in masks]))
+
+    def want(row: torch.Tensor) -> tuple[int, int, int]:
+        if not row.any():
+            return len(row), 0, len(row)
+        keys = row.nonzero().flatten().tolist()
+        run = keys[0]
+        while run < len(row) and row[run]:
+            run += 1
+        return keys[0], keys[-1] + 1, run
+    assert list(zip(*(g.tolist() for g in got))) == [want(r) for m in masks for r in m]
+    assert want(masks[3][0]) == (0, 40, 6)

@@ -11,11 +11,31 @@ from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, f
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK
-from pagedinfer.masks import pack_masks
+from pagedinfer.masks import pack_masks, visible_spans
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 from pagedinfer.prefill import PrefillWrapper, RaggedPrefillWrapper, prefill, prefill_ragged, prefill_spec
 
 MASKS = ["causal", "none", "custom"]
+
+
+def random_custom_mask(rng, qo_len: int, kv_len: int) -> torch.Tensor:
+    """[qo_len, kv_len] bool: random bits, or the causal pattern (whole or with holes), or a band of keys per
+    row, with some rows seeing nothing (plan() narrows each block of rows to the keys its rows see, and the
+    kernel reads no bits where a row's run of visible keys covers a tile)."""
+    kind = rng.choice(["random", "causal", "holes", "band"])
+    if kind == "random":
+        mask = rng.random((qo_len, kv_len)) < 0.7
+    elif kind in ("causal", "holes"):
+        mask = np.tri(qo_len, kv_len, kv_len - qo_len, dtype=bool)
+        if kind == "holes":
+            mask &= rng.random((qo_len, kv_len)) < 0.97
+    else:
+        lo = rng.integers(0, kv_len, qo_len)
+        hi = lo + rng.integers(1, max(2, kv_len // 4), qo_len)
+        keys = np.arange(kv_len)
+        mask = (keys >= lo[:, None]) & (keys < hi[:, None])
+    mask[rng.random(qo_len) < 0.05] = False
+    return torch.from_numpy(mask)
 
 
 def make_case(rng, spec, device="cuda", qo_lens=None, prefixes=None, mask=None):
@@ -32,7 +52,7 @@ def make_case(rng, spec, device="cuda", qo_lens=None, prefixes=None, mask=None):
     mask = mask or str(rng.choice(MASKS))
     masks = dict(causal=mask == "causal")
     if mask == "custom":
-        packed, mask_indptr = pack_masks([torch.from_numpy(rng.random((n, k)) < 0.7) for n, k in zip(qo_lens, lens)])
+        packed, mask_indptr = pack_masks([random_custom_mask(rng, n, k) for n, k in zip(qo_lens, lens)])
         masks = dict(custom_mask=packed.to(device), mask_indptr=mask_indptr.to(device))
     options = dict(sm_scale=float(rng.uniform(0.5, 1.5)) / math.sqrt(head_dim) if rng.random() < 0.5 else None,
                    logits_soft_cap=float(rng.uniform(5, 50)) if soft_cap else None,
@@ -98,6 +118,39 @@ def test_one_shot_prefill_on_cpu_is_the_reference():
     check_against_reference(case, out, lse)
 
 
+def test_custom_mask_plans_only_the_keys_its_rows_see():
+    qo_lens, lens, group = np.array([300, 1000, 50]), np.array([500, 1000, 3000]), 4
+    spec = prefill_spec("bf16", 128, group, 16, False, 1000, CUSTOM, True)
+    plan = lambda mask, offsets=None, spans=None: PrefillWrapper("cpu")._work_list(  # noqa: E731
+        np.cumsum(qo_lens) - qo_lens, qo_lens, lens, np.zeros(3, np.int64), group, spec, 8, 132, -1, mask, offsets,
+        spans)[0].items
+    causal = [torch.from_numpy(np.tri(n, k, k - n, dtype=bool)) for n, k in zip(qo_lens, lens)]
+    packed, indptr = pack_masks(causal)
+    offsets = indptr[:-1].numpy().astype(np.int64)
+    # The causal pattern given as bits plans exactly as causal: the same items over the same keys.
+    assert np.array_equal(plan(CUSTOM, offsets, visible_spans(packed, offsets, qo_lens, lens)[:2]), plan(CAUSAL))
+    # Rows 0-39 of request 0 see nothing, rows 40-299 keys 100-199: the first unit (32 tokens) keeps one key.
+    band = torch.zeros(300, 500, dtype=torch.bool)
+    band[40:, 100:200] = True
+    packed, indptr = pack_masks([band, *causal[1:]])
+    offsets = indptr[:-1].numpy().astype(np.int64)
+    items = plan(CUSTOM, offsets, visible_spans(packed, offsets, qo_lens, lens)[:2])
+    first = items[items[:, 0] == 0]
+    spans = {(int(i[7]), int(i[2]), int(i[3])) for i in first}
+    assert spans == {(0, 0, 1)} | {(b, 100, 200) for b in range(1, 10)}
+
+
+def test_mask_buffer_starts_with_each_q_rows_run_of_visible_keys():
+    wrapper = PrefillWrapper("cpu")
+    mask = torch.arange(7, dtype=torch.uint8)
+    # Requests' rows at q rows 0-1 and 4-6 (q rows 2-3 belong to no request: an empty run).
+    buffer, offsets = wrapper._with_row_runs(mask, np.array([0, 3]), np.array([0, 4]), np.array([2, 3]),
+                                             np.array([1, 2, 3, 4, 5]), np.array([9, 8, 7, 6, 5]))
+    runs = buffer[:56].view(torch.int32).view(7, 2).tolist()
+    assert runs == [[1, 9], [2, 8], [0, 0], [0, 0], [3, 7], [4, 6], [5, 5]]
+    assert offsets.tolist() == [64, 67] and torch.equal(buffer[64:], mask) and not buffer[56:64].any()
+
+
 def test_hopper_kernel_takes_long_requests_of_its_head_dims():
     def source(head_dim, max_tokens, group, hopper=True):
         return prefill_spec("bf16", head_dim, group, 16, False, max_tokens, CAUSAL, hopper).source
@@ -118,7 +171,7 @@ def make_ragged_case(rng, spec, device="cuda"):
     mask = str(rng.choice(MASKS))
     masks = dict(causal=mask == "causal")
     if mask == "custom":
-        packed, mask_indptr = pack_masks([torch.from_numpy(rng.random((n, k)) < 0.7) for n, k in zip(qo_lens, kv_lens)])
+        packed, mask_indptr = pack_masks([random_custom_mask(rng, n, k) for n, k in zip(qo_lens, kv_lens)])
         masks = dict(custom_mask=packed.to(device), mask_indptr=mask_indptr.to(device))
     indptr = lambda lens: torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)  # noqa: E731
     total = sum(kv_lens)
