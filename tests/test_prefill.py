@@ -140,6 +140,26 @@ def test_custom_mask_plans_only_the_keys_its_rows_see():
     assert spans == {(0, 0, 1)} | {(b, 100, 200) for b in range(1, 10)}
 
 
+@pytest.mark.parametrize("group", [3, 4, 7])  # 128 rows hold whole tokens for 4 only: neighbours share one
+def test_custom_bounds_are_the_union_of_each_units_rows(group):
+    rng = np.random.default_rng(group)
+    qo_lens, lens = np.array([90, 1, 200]), np.array([400, 50, 900])
+    first = np.concatenate([rng.integers(0, n, q) for q, n in zip(qo_lens, lens)])
+    end = np.minimum(first + np.concatenate([rng.integers(1, n, q) for q, n in zip(qo_lens, lens)]),
+                     np.repeat(lens, qo_lens))
+    blocks = -(-qo_lens * group // 128)
+    unit_req = np.repeat(np.arange(3), blocks)
+    unit_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    first_tok = unit_block * 128 // group
+    last_tok = np.minimum(qo_lens[unit_req] - 1, (unit_block * 128 + 127) // group)
+    begins, ends = PrefillWrapper._custom_bounds(np.zeros_like(unit_req), lens[unit_req], (first, end), qo_lens,
+                                                 unit_req, first_tok, last_tok)
+    tok0 = np.cumsum(qo_lens) - qo_lens
+    for u in range(len(unit_req)):
+        rows = slice(tok0[unit_req[u]] + first_tok[u], tok0[unit_req[u]] + last_tok[u] + 1)
+        assert (begins[u], ends[u]) == (first[rows].min(), end[rows].max())
+
+
 def test_mask_buffer_starts_with_each_q_rows_run_of_visible_keys():
     wrapper = PrefillWrapper("cpu")
     mask = torch.arange(7, dtype=torch.uint8)
