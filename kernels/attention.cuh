@@ -26,32 +26,33 @@ struct __align__(16) Request {
 
 enum Mask { NO_MASK = 0, CAUSAL = 1, TREE = 2, CUSTOM = 3 };
 
-// The K/V pipeline of a kernel that streams tiles of keys through STAGES shared-memory stages: `fetch(t,
-// pages)` reads the page ids of tile t into registers, `issue(t, stage, pages)` starts its copies. Page ids
-// are fetched one tile ahead of their copies, so their latency hides behind a tile of compute.
-// Before the loop: the first STAGES - 1 tiles in flight (one commit group each) and the next one's page ids.
-// Their page ids are read all at once: a short request's time is mostly such chains of dependent loads.
-template <int STAGES, typename Pages, typename Fetch, typename Issue>
+// The K/V pipeline of a kernel that streams tiles of keys DEPTH - 1 tiles ahead: `fetch(t, pages)` reads the
+// page ids of tile t into registers, `issue(t, pages)` starts its copies (into the kernel's stage for tile t,
+// t % its stage count). Page ids are fetched one tile ahead of their copies, so their latency hides behind a
+// tile of compute. Before the loop: the first DEPTH - 1 tiles in flight (one commit group each) and the next
+// one's page ids. Their page ids are read all at once: a short request's time is mostly such chains of
+// dependent loads.
+template <int DEPTH, typename Pages, typename Fetch, typename Issue>
 __device__ __forceinline__ void pipeline_start(int n_tiles, Pages& pages, Fetch fetch, Issue issue) {
-  Pages first[STAGES - 1];
+  Pages first[DEPTH - 1];
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s)
+  for (int s = 0; s < DEPTH - 1; ++s)
     if (s < n_tiles) fetch(s, first[s]);
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) issue(s, s, first[s]);
+  for (int s = 0; s < DEPTH - 1; ++s) {
+    if (s < n_tiles) issue(s, first[s]);
     cp_async_commit();
   }
-  if (STAGES - 1 < n_tiles) fetch(STAGES - 1, pages);
+  if (DEPTH - 1 < n_tiles) fetch(DEPTH - 1, pages);
 }
 
-// At the top of iteration t, once every thread is done with tile t - 1's stage: its copy (tile
-// t + STAGES - 1) starts, and the page ids of the tile after it are fetched.
-template <int STAGES, typename Pages, typename Fetch, typename Issue>
+// At the top of iteration t, once every thread is done with the stage the next copy overwrites: the copy of
+// tile t + DEPTH - 1 starts, and the page ids of the tile after it are fetched.
+template <int DEPTH, typename Pages, typename Fetch, typename Issue>
 __device__ __forceinline__ void pipeline_next(int t, int n_tiles, Pages& pages, Fetch fetch, Issue issue) {
-  if (t + STAGES - 1 < n_tiles) issue(t + STAGES - 1, (t + STAGES - 1) % STAGES, pages);
+  if (t + DEPTH - 1 < n_tiles) issue(t + DEPTH - 1, pages);
   cp_async_commit();
-  if (t + STAGES < n_tiles) fetch(t + STAGES, pages);
+  if (t + DEPTH < n_tiles) fetch(t + DEPTH, pages);
 }
 
 // Bit (token * kv_len + key) of a request's packed custom mask.

@@ -152,7 +152,8 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
       pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;
     }
   };
-  auto issue_tile = [&](int t, int stage, const int (&pages)[S::CPT]) {
+  auto issue_tile = [&](int t, const int (&pages)[S::CPT]) {
+    const int stage = t % STAGES;
     const unsigned first_token = it.begin + t * TILE + crow0;
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {

@@ -163,8 +163,8 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       pages[k] = token < it.end ? page_ids[it.row_start + (u32)token / PAGE_SIZE] : -1;  // u32: a shift
     }
   };
-  // Tile t goes to stage t % STAGES (the pipeline runs STAGES - 1 deep: see the loop).
-  auto issue_tile = [&](int t, int, const int (&pages)[S::CPT]) {
+  // Tile t goes to stage t % STAGES (the pipeline runs one tile shallower than its stages: see the loop).
+  auto issue_tile = [&](int t, const int (&pages)[S::CPT]) {
     const u32 first_token = it.begin + t * TILE + crow0;
     const u32 k_dst = smem0 + (t % STAGES) * 2 * S::TILE_BYTES + chunk_off;
     // Slot in the page: the same for every row of the thread when ROW_STEP is a multiple of PAGE_SIZE.
