@@ -13,7 +13,6 @@ from common import case_inputs, planned_decode, planned_prefill, planned_verify,
 
 from pagedinfer import bench, kernels
 from pagedinfer.decode import DecodeWrapper
-from pagedinfer.prefill import PrefillWrapper
 from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 4, 8192), ((32, 8, 128), 64, 8192),
@@ -89,7 +88,7 @@ def main():
     for heads, batch, qo_len, kv_len in PREFILL if "prefill" in ops else []:
         case = case_inputs(heads, batch, kv_len, qo_len)
         for custom in (False, True):
-            t = timed(variants, case, lambda c, custom=custom: planned_prefill(PrefillWrapper, c, custom), eager_us)
+            t = timed(variants, case, lambda c, custom=custom: planned_prefill(c, custom), eager_us)
             rows.append((f"prefill {'custom' if custom else 'causal'} {'/'.join(map(str, heads))} "
                          f"{batch}x{qo_len}+{kv_len - qo_len}", t))
         del case

@@ -84,18 +84,16 @@ def planned_verify(cls, case: SimpleNamespace):
     return w
 
 
-def planned_prefill(cls, case: SimpleNamespace, custom: bool):
-    """A `cls` (PrefillWrapper), eager, planned causal for the case's query tokens (the last of each request's
-    keys), or with the causal pattern given as a packed custom mask."""
-    from pagedinfer.masks import pack_masks
-    w, lens = cls("cuda"), case.table.kv_lens().cpu()
-    hosts = dict(kv_lens_host=lens, indptr_host=case.indptr.cpu())
-    if not custom:
-        w.plan(case.qo_indptr, case.table, *case.heads, causal=True, **hosts)
-        return w
-    qo_len, kv_len = int(case.qo_indptr[1]), int(lens[0])
-    packed, mask_indptr = pack_masks([torch.ones(qo_len, kv_len, dtype=torch.bool).tril(kv_len - qo_len)] * case.batch)
-    w.plan(case.qo_indptr, case.table, *case.heads, custom_mask=packed, mask_indptr=mask_indptr, **hosts)
+def planned_prefill(case: SimpleNamespace, custom: bool):
+    """A PrefillWrapper, eager, planned causal for the case's query tokens (the last of each request's keys),
+    or with the causal pattern given as a packed custom mask."""
+    from pagedinfer.prefill import PrefillWrapper
+    qo_len, kv_len = int(case.qo_indptr[1]), int(case.table.kv_lens()[0])
+    if custom:
+        return bench.planned_causal_as_custom(case.heads, case.batch, qo_len, kv_len, case.qo_indptr, case.table)
+    w = PrefillWrapper("cuda")
+    w.plan(case.qo_indptr, case.table, *case.heads, causal=True, kv_lens_host=case.table.kv_lens().cpu(),
+           indptr_host=case.indptr.cpu())
     return w
 
 

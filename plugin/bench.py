@@ -291,16 +291,22 @@ def _prefill_case(heads, batch, qo_len, prefix, anchor, workspace) -> list[dict]
     return prefill_records(heads, batch, qo_len, prefix, t, rel_err, anchors, custom_us)
 
 
-def _custom_mask_us(heads, batch, qo_len, kv_len, qo_indptr, table, q, kv) -> float:
-    """Our time for the causal pattern given as a packed custom mask (what tree / custom masks cost)."""
+def planned_causal_as_custom(heads, batch, qo_len, kv_len, qo_indptr, table):
+    """A PrefillWrapper planned with the causal pattern given as a packed custom mask (on the CPU, so plan()
+    reads it without a sync), for `batch` requests of `qo_len` new tokens over `kv_len` keys."""
     from .masks import pack_masks
     from .prefill import PrefillWrapper
     causal = torch.ones(qo_len, kv_len, dtype=torch.bool).tril(kv_len - qo_len)
     packed, mask_indptr = pack_masks([causal] * batch)
     wrapper = PrefillWrapper("cuda")
-    wrapper.plan(qo_indptr, table, *heads, custom_mask=packed.cuda(), mask_indptr=mask_indptr,
+    wrapper.plan(qo_indptr, table, *heads, custom_mask=packed, mask_indptr=mask_indptr,
                  kv_lens_host=table.kv_lens().cpu(), indptr_host=table.indptr.cpu())
-    return _timed_run(wrapper, q, kv)[1]
+    return wrapper
+
+
+def _custom_mask_us(heads, batch, qo_len, kv_len, qo_indptr, table, q, kv) -> float:
+    """Our time for the causal pattern given as a packed custom mask (what tree / custom masks cost)."""
+    return _timed_run(planned_causal_as_custom(heads, batch, qo_len, kv_len, qo_indptr, table), q, kv)[1]
 
 
 def run_prefill(cases, anchor: str | None) -> list[dict]:
