@@ -31,11 +31,19 @@ def build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device):
     shape = (num_pages, 2, page_size, kv_heads, head_dim) if layout == "NHD" else \
         (num_pages, 2, kv_heads, page_size, head_dim)
     cache = torch.randn(shape, dtype=dtype, device=device)
+    perm = torch.randperm(num_pages, device=device).to(torch.int32)
+    # What no request owns holds anything: NaN in the unused pages and past each request's end in its last
+    # page (a kernel must not let them reach an output, e.g. as 0 x NaN).
+    cache[perm[sum(pages):].long()] = float("nan")
+    ends = list(itertools.accumulate(pages))
+    for n, p, end in zip(lens, pages, ends):
+        tail = cache[int(perm[end - 1])]
+        (tail[:, n - (p - 1) * page_size:] if layout == "NHD" else tail[:, :, n - (p - 1) * page_size:]).fill_(
+            float("nan"))
     if rng.random() < 0.3:
         cache = (cache[:, 0], cache[:, 1])  # a (k, v) pair of strided views
-    perm = torch.randperm(num_pages, device=device).to(torch.int32)
     if rng.random() < 0.5:
-        indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32, device=device)
+        indptr = torch.tensor([0] + ends, dtype=torch.int32, device=device)
         last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32,
                             device=device)
         table = csr_page_table(indptr, perm[: sum(pages)], last, page_size)

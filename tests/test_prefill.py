@@ -310,6 +310,8 @@ def test_cuda_graph_replay_after_a_new_plan():
     lens = [30, 200, 50]  # the same 180 query tokens split 30 + 120 + 30, other lengths and pages
     width = max(math.ceil(n / 16) for n in lens)
     ids = torch.randperm(view.num_pages)[: 3 * width].view(3, width).to(torch.int32).cuda()
+    view.k.normal_()  # pages change owners: none keeps build_paged's NaN past a request's end
+    view.v.normal_()
     table = block_page_table(ids, torch.tensor(lens, dtype=torch.int32).cuda(), 16)
     second = dict(first, table=table, qo_indptr=torch.tensor([0, 30, 150, 180], dtype=torch.int32, device="cuda"))
     first["q"].copy_(torch.randn_like(first["q"]))

@@ -188,6 +188,8 @@ def test_cuda_graph_replay_after_a_new_plan():
     pages = cache_view.num_pages
     width = max(math.ceil(n / 16) for n in lens)
     ids = torch.randperm(pages)[: 3 * width].view(3, width).to(torch.int32).cuda()
+    cache_view.k.normal_()  # pages change owners: none keeps build_paged's NaN past a request's end
+    cache_view.v.normal_()
     table = block_page_table(ids, torch.tensor(lens, dtype=torch.int32).cuda(), 16)
     trees = [random_tree(rng, n) for n in qo_lens]
     packed, mask_indptr = pack_masks(trees)
