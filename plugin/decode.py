@@ -249,7 +249,7 @@ class DecodeWrapper:
         prefix = lens - qo_lens
         blocks = -(-qo_lens * group // block)
         unit_req = np.repeat(np.arange(batch), blocks)
-        unit_block = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+        unit_block = planning.positions_within(blocks)
         first_tok = unit_block * block // group
         last_tok = np.minimum(qo_lens[unit_req] - 1, (unit_block * block + block - 1) // group)
         ends = lens[unit_req]

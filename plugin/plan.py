@@ -33,6 +33,12 @@ def max_items(batch: int, kv_heads: int, target_ctas: int) -> int:
     return max(batch, target_ctas // kv_heads)
 
 
+def positions_within(counts: np.ndarray) -> np.ndarray:
+    """Each element's place inside its segment, for segments of `counts` elements back to back:
+    0 .. counts[0] - 1, 0 .. counts[1] - 1, ..."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv_heads: int, tile: int,
              target_ctas: int, min_chunk: int | None = None) -> WorkList:
     """Cuts requests into tile-aligned chunks when the batch alone cannot fill the GPU.
@@ -67,7 +73,7 @@ def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv
     chunks = np.maximum(1, -(-lens // size))                 # rounding up may need fewer chunks
     n = int(chunks.sum())
     req = np.repeat(np.arange(batch), chunks)
-    index = np.arange(n) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    index = positions_within(chunks)
     split = chunks > 1
     first_slot = np.where(split, np.cumsum(np.where(split, chunks, 0)) - chunks, -1)
     items = np.zeros((n, ITEM_INTS), dtype=np.int32)

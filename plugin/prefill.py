@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import plan as planning
 from .decode import CAUSAL, CUSTOM, NO_MASK, DecodeWrapper, KernelSpec, decode_spec
 from .masks import visible_spans
 from .paged import csr_page_table
@@ -105,8 +106,7 @@ class PrefillWrapper(DecodeWrapper):
         run of set keys from it), then the packed masks (their offsets moved past that table). Tiles inside
         a row's run need none of its bits."""
         rows = np.zeros((int((qo_starts + qo_lens).max()), 2), dtype=np.int32)
-        index = np.repeat(qo_starts, qo_lens) + np.arange(int(qo_lens.sum())) - np.repeat(np.cumsum(qo_lens) - qo_lens,
-                                                                                          qo_lens)
+        index = np.repeat(qo_starts, qo_lens) + planning.positions_within(qo_lens)
         rows[index, 0], rows[index, 1] = first, run_end
         table = torch.from_numpy(rows).view(torch.uint8).reshape(-1)
         table = torch.cat([table, table.new_zeros(-table.numel() % 16)])  # the masks stay 16-byte aligned

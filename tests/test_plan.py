@@ -35,6 +35,10 @@ def test_items_tile_each_request_exactly(seed):
     assert slots == list(range(work.num_slots))
 
 
+def test_positions_within_count_from_zero_in_each_segment():
+    assert plan.positions_within(np.array([3, 0, 1, 2])).tolist() == [0, 1, 2, 0, 0, 1]
+
+
 def test_large_batch_is_not_split():
     ends = np.full(64, 8192)
     work = plan.split_kv(np.zeros(64, int), np.zeros(64, int), ends, kv_heads=8, tile=32, target_ctas=264)
