@@ -204,6 +204,10 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 
   auto k_tile = [&](int t) { return smem0 + (t % STAGES) * 2 * S::TILE_BYTES; };
+  // Descriptor of k-step kk (16 dims) of the 64 rows from `row` of a K-major tile (the Q tile or a K tile).
+  auto k_major = [&](u32 tile, int row, int kk) {
+    return smem_desc(tile + (kk / 4) * S::BLOCK_BYTES + row * 128 + (kk % 4) * 32, 16, 1024);
+  };
   // S = Q K^T for tile t: two 64-key halves, HEAD_DIM / 16 k-steps of 32 bytes inside a 128-byte row each;
   // this warpgroup's 64 query rows of the Q tile.
   auto issue_qk = [&](int t, float (&s)[2][32]) {
@@ -214,9 +218,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     for (int kk = 0; kk < S::KSTEPS; ++kk)
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        wgmma_64x64_ss(T(), s[half], smem_desc(q_tile + (kk / 4) * S::BLOCK_BYTES + wg * 64 * 128 + (kk % 4) * 32, 16, 1024),
-                       smem_desc(k_tile(t) + (kk / 4) * S::BLOCK_BYTES + half * 64 * 128 + (kk % 4) * 32, 16, 1024),
-                       kk > 0);
+        wgmma_64x64_ss(T(), s[half], k_major(q_tile, wg * 64, kk), k_major(k_tile(t), half * 64, kk), kk > 0);
     wgmma_commit();
   };
   // O += P V for tile t: per k-step 16 keys (two 1024-byte atoms of rows), per 64-dim column block a wgmma.
