@@ -26,6 +26,7 @@ def build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device):
     random layout and storage form, and a CSR or block-table page table over it."""
     batch = len(lens)
     pages = [math.ceil(n / page_size) for n in lens]
+    last_lens = [n - (p - 1) * page_size for n, p in zip(lens, pages)]  # tokens in each request's last page
     num_pages = sum(pages) + int(rng.integers(0, 5))
     layout = str(rng.choice(["NHD", "HND"]))
     shape = (num_pages, 2, page_size, kv_heads, head_dim) if layout == "NHD" else \
@@ -36,16 +37,14 @@ def build_paged(rng, lens, page_size, kv_heads, head_dim, dtype, device):
     # page (a kernel must not let them reach an output, e.g. as 0 x NaN).
     cache[perm[sum(pages):].long()] = float("nan")
     ends = list(itertools.accumulate(pages))
-    for n, p, end in zip(lens, pages, ends):
+    for used, end in zip(last_lens, ends):
         tail = cache[int(perm[end - 1])]
-        (tail[:, n - (p - 1) * page_size:] if layout == "NHD" else tail[:, :, n - (p - 1) * page_size:]).fill_(
-            float("nan"))
+        (tail[:, used:] if layout == "NHD" else tail[:, :, used:]).fill_(float("nan"))
     if rng.random() < 0.3:
         cache = (cache[:, 0], cache[:, 1])  # a (k, v) pair of strided views
     if rng.random() < 0.5:
         indptr = torch.tensor([0] + ends, dtype=torch.int32, device=device)
-        last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32,
-                            device=device)
+        last = torch.tensor(last_lens, dtype=torch.int32, device=device)
         table = csr_page_table(indptr, perm[: sum(pages)], last, page_size)
     else:
         width = max(pages) + int(rng.integers(0, 3))
