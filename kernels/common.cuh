@@ -97,9 +97,19 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 // is asked to fetch the whole 128-byte line: the neighbouring vectors are read by the same tile (measured on
 // an H100: +3% decode bandwidth at large batch).
 // `dst` as a shared-memory address (smem_addr), for kernels that lay tiles out by byte offset.
+// (The zero fill is the instruction's ignore-src predicate: a source size of valid ? 16 : 0 costs a select
+// and a compare per copy.)
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid = true) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-               :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+  asm volatile("{\n.reg .pred ignore;\nsetp.eq.u32 ignore, %2, 0;\n"
+               "cp.async.cg.shared.global.L2::128B [%0], [%1], 16, ignore;\n}"
+               :: "r"(dst), "l"(src), "r"((u32)valid) : "memory");
+}
+// The same, zero-filling where `page` (a page id, -1 for none) is negative: one compare in the instruction's
+// predicate.
+__device__ __forceinline__ void cp_async16_page(u32 dst, const void* src, int page) {
+  asm volatile("{\n.reg .pred ignore;\nsetp.lt.s32 ignore, %2, 0;\n"
+               "cp.async.cg.shared.global.L2::128B [%0], [%1], 16, ignore;\n}"
+               :: "r"(dst), "l"(src), "r"(page) : "memory");
 }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
   cp_async16(smem_addr(dst), src, valid);

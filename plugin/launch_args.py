@@ -27,6 +27,12 @@ def check_vector_aligned(name: str, t: torch.Tensor) -> None:
              "contiguous)", f"strides {t.stride()}, address % 16 = {t.data_ptr() % 16}")
 
 
+def check_strides_under_4gib(name: str, t: torch.Tensor) -> None:
+    """The Hopper prefill kernel addresses a page as page id x page stride in 32-bit byte arithmetic."""
+    if any(s * t.element_size() >= 2**32 for s in t.stride()):
+        fail(name, "strides under 4 GiB", f"strides {t.stride()} of {t.element_size()}-byte elements")
+
+
 def check_rows(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
     """A tensor of exactly `shape`, `dtype` on `device`, with 16-byte aligned rows."""
     if not (type(t) is torch.Tensor and t.shape == shape and t.dtype == dtype and t.device == device
@@ -52,6 +58,7 @@ class CacheArgs:
         cache = as_paged_kv_cache(kv_cache, self.layout)
         check_vector_aligned("kv_cache", cache.k)
         check_vector_aligned("kv_cache", cache.v)
+        check_strides_under_4gib("kv_cache", cache.k)
         args = (np.uint64(cache.k.data_ptr()), np.uint64(cache.v.data_ptr()),
                 *(np.int64(s) for s in cache.strides()), np.int32(cache.num_pages))
         if len(self._memo) > 1024:  # caches come and go in tests; engines keep one per layer

@@ -98,3 +98,10 @@ def test_cache_operations_are_reachable_from_paged():
     assert pagedinfer.paged.csr_from_block_table is pagedinfer.cache.csr_from_block_table
     with pytest.raises(AttributeError):
         pagedinfer.paged.no_such_thing  # noqa: B018
+
+
+def test_cache_strides_of_4gib_or_more_are_refused_by_name():
+    from pagedinfer.launch_args import CacheArgs
+    k = torch.empty(0, dtype=torch.bfloat16, device="meta").as_strided((2, 16, 8, 128), (2**31, 1024, 128, 1))
+    with pytest.raises(ValueError, match=r"kv_cache: expected strides under 4 GiB, got strides \(2147483648, "):
+        CacheArgs("NHD").get((k, k))
