@@ -241,7 +241,7 @@ def cached_cubin(source: str, name_expression: str, arch: str, defines: dict | N
     return cubin
 
 
-def precompile(specs, arch: str, processes: int | None = None) -> None:
+def precompile(specs, arch: str, processes: int | None = None, defines: dict | None = None) -> None:
     """Fills the disk cache for many (source, name expression) pairs in parallel processes: NVRTC runs one
     compilation per thread, so a cold cache for a sweep of shapes is built on every core at once."""
     import concurrent.futures
@@ -250,11 +250,11 @@ def precompile(specs, arch: str, processes: int | None = None) -> None:
     workers = min(len(todo), processes or os.cpu_count() or 1)
     if workers <= 1:
         for source, expression in todo:
-            cached_cubin(source, expression, arch)
+            cached_cubin(source, expression, arch, defines)
         return
     ctx = multiprocessing.get_context("spawn")  # no CUDA state is inherited
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        list(pool.map(_precompile_one, [(s, e, arch) for s, e in todo]))
+        list(pool.map(_precompile_one, [(s, e, arch, defines) for s, e in todo]))
 
 
 def _precompile_one(job) -> None:

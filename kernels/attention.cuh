@@ -67,18 +67,27 @@ __device__ __forceinline__ i64 partial_row(const Item& it, int kv_head, int kv_h
   return ((i64)it.slot * kv_heads + kv_head) * ROWS + row;
 }
 
-// After a chunk stored its partial result: true in every thread of the CTA that finished its (request, row
-// block, KV head) last, which then merges all chunks. Resets the counter for the next launch.
+// A barrier over the CTA, or over its first THREADS_IN threads (named barrier 15) where the others have left.
+template <int THREADS_IN>
+__device__ __forceinline__ void sync_threads_in() {
+  if constexpr (THREADS_IN == 0) __syncthreads();
+  else asm volatile("bar.sync 15, %0;" :: "n"(THREADS_IN) : "memory");
+}
+
+// After a chunk stored its partial result: true in every thread of the CTA (or of its first THREADS_IN
+// threads) that finished its (request, row block, KV head) last, which then merges all chunks. Resets the
+// counter for the next launch.
+template <int THREADS_IN = 0>
 __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv_head, int kv_heads) {
   __shared__ int is_last;
-  __syncthreads();  // every thread's stores come before thread 0's fence, which covers them (cumulative)
+  sync_threads_in<THREADS_IN>();  // every thread's stores come before thread 0's fence, which covers them (cumulative)
   if (threadIdx.x == 0) {
     __threadfence();
     int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
     is_last = atomicAdd(counter, 1) == it.chunks - 1;
     if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
   }
-  __syncthreads();
+  sync_threads_in<THREADS_IN>();
   const bool last = is_last;
   if (last) __threadfence();  // see the other CTAs' partial results
   return last;
@@ -129,12 +138,13 @@ __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, in
 
 // Merges the (row, 4 dims) pairs [begin, end) of a block's rows, one pair per thread at a time: all of them
 // in the last chunk's CTA, or a share in each of merge_split's CTAs (decode.cu).
-template <typename T, int ROWS, int HEAD_DIM, int GROUP>
+// (THREADS_IN: as last_chunk's.)
+template <typename T, int ROWS, int HEAD_DIM, int GROUP, int THREADS_IN = 0>
 __device__ __forceinline__ void merge_chunks(const Item& it, const Request& rq, int row0, int begin, int end,
                                              int kv_head, int kv_heads, const float* partial_o,
                                              const float* partial_lse, u16* out, i64 out_stride_tok,
                                              i64 out_stride_head, float* lse) {
-  for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x)
+  for (int idx = begin + threadIdx.x; idx < end; idx += THREADS_IN ? THREADS_IN : blockDim.x)
     merge_pair<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, idx / (HEAD_DIM / 4), idx % (HEAD_DIM / 4), kv_head,
                                          kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }

@@ -2,23 +2,26 @@
 // request's paged K/V, masks none / causal / packed custom, sliding window, soft cap, LSE. Same work items,
 // requests and outputs as kernels/decode.cu (which serves every other architecture and head dim).
 //
-// A CTA is two warpgroups over one work item: 128 query rows ((token, head of the group) pairs,
-// token-major, 64 per warpgroup) of one request and KV head, against a range of its keys. K and V tiles of
-// 128 tokens stream global -> shared with 16-byte cp.async through STAGES stages, laid out as wgmma wants
-// them: 64-dim column blocks of 128-byte rows, 16-byte chunks swizzled by the row (XOR of row % 8), so each
-// tile is read by the tensor cores straight from shared memory with no bank conflicts. The queries sit in
-// shared memory in the same layout (S = Q K^T, wgmma m64n64k16, both operands K-major); P, converted from
-// S's accumulators (their layout is the A operand's), is the register A operand of O += P V (V transposed).
-// Each warpgroup overlaps the softmax of tile t with the P V of tile t - 1 on the tensor cores.
-// (A warp-specialised version, a producer warpgroup on mbarriers feeding two consumer warpgroups that take
-// turns on the tensor cores, measured no faster on the H100: see benchmarks/NOTES.md.)
+// A CTA serves one work item: 128 query rows ((token, head of the group) pairs, token-major) of one request
+// and KV head, against a range of its keys. Three warpgroups (FA3's schedule):
+// - a producer (threads 256-383) streams K and V tiles of 128 tokens global -> shared with 16-byte cp.async
+//   through STAGES stages, laid out as wgmma wants them: 64-dim column blocks of 128-byte rows, 16-byte
+//   chunks swizzled by the row (XOR of row % 8), so the tensor cores read each tile straight from shared
+//   memory with no bank conflicts. Mbarriers say when a stage is full (producer -> consumers) and empty.
+// - two consumers of 64 query rows each. The queries sit in shared memory in a K tile's layout (S = Q K^T,
+//   wgmma m64n64k16, both operands K-major); P, converted from S's accumulators (their layout is the A
+//   operand's), is the register A operand of O += P V (V transposed). Each consumer overlaps the softmax
+//   of tile t with its P V of tile t - 1, and the two take turns on the tensor cores (named barriers), so
+//   one's GEMMs run under the other's softmax.
+// setmaxnreg moves registers from the producer to the consumers.
 #include "attention.cuh"
 
 namespace prefill_sm90 {
 
 using namespace attention;
-constexpr int WARPGROUPS = 2;
-constexpr int THREADS = WARPGROUPS * 128;
+constexpr int WARPGROUPS = 2;          // consumers: 64 query rows each
+constexpr int THREADS = (WARPGROUPS + 1) * 128;  // and the producer
+constexpr int COPIERS = 128;           // the producer's threads
 constexpr int ROWS = WARPGROUPS * 64;  // query rows per CTA
 constexpr int TILE = 128;              // keys per pipeline stage; plan() splits in multiples of it
 static_assert(ROWS == TILE, "the Q tile is laid out as a K tile");
@@ -33,7 +36,7 @@ struct Shape {
   static constexpr int BLOCK_BYTES = TILE * 128;           // one column block of a tile
   static constexpr int TILE_BYTES = BLOCKS * BLOCK_BYTES;  // K or V
   static constexpr int VPR = HEAD_DIM / 8;                 // 16-byte chunks per row
-  static constexpr int ROW_STEP = THREADS / VPR;           // rows one pass of the copying threads covers
+  static constexpr int ROW_STEP = COPIERS / VPR;           // rows one pass of the producer's threads covers
   static constexpr int CPT = TILE / ROW_STEP;              // rows per thread per tile
   static constexpr int KSTEPS = HEAD_DIM / 16;
 };
@@ -57,6 +60,24 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
 }
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+// Arrives once this thread's cp.async copies so far have landed (counted in the barrier's init count).
+__device__ __forceinline__ void mbar_arrive_copies(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT_%=;\n}" :: "r"(bar), "r"(parity) : "memory");
+}
+// Named barriers 1 and 2: consumer 0 and 1's turn on the tensor cores (its 128 threads sync, the other's arrive).
+__device__ __forceinline__ void turn_wait(int id) { asm volatile("bar.sync %0, 256;" :: "r"(id) : "memory"); }
+__device__ __forceinline__ void turn_pass(int id) { asm volatile("bar.arrive %0, 256;" :: "r"(id) : "memory"); }
+
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous tensor-core work.
 __device__ __forceinline__ void pin(float (&d)[32]) {
 #pragma unroll
@@ -153,7 +174,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   typedef Shape<HEAD_DIM> S;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
-  static_assert(STAGES >= 3, "tiles t - 1 and t resident while a later one copies");
+  static_assert(STAGES >= 2, "a stage filling while another is read");
   if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
   const Item it = items[blockIdx.y];
   const Request rq = requests[it.req];
@@ -183,7 +204,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   const int n_tiles = (it.end - it.begin + TILE - 1) / TILE;
 
   // Copies: thread tid moves 16-byte chunk `vec` of rows crow0 + k * ROW_STEP of every tile, K and V.
-  const int vec = tid % S::VPR, crow0 = tid / S::VPR;
+  const int vec = tid % COPIERS % S::VPR, crow0 = tid % COPIERS / S::VPR;
   const u32 chunk_off = (vec / 8) * S::BLOCK_BYTES + crow0 * 128 + (((vec % 8) ^ (crow0 % ATOM_ROWS)) << 4);
   // Byte addresses, so that a row's address is one 32 x 32 -> 64-bit multiply-add on its page id (run()
   // keeps the strides under 4 GiB).
@@ -204,7 +225,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       pages[k] = token < (u32)it.end ? __ldg(ids + index) : -1;
     }
   };
-  // Tile t goes to stage t % STAGES (the pipeline runs one tile shallower than its stages: see the loop).
+  // Tile t goes to stage t % STAGES.
   auto issue_tile = [&](int t, const int (&pages)[S::CPT]) {
     const u32 first = it.begin + t * TILE + crow0;
     const u32 k_dst = smem0 + (t % STAGES) * 2 * S::TILE_BYTES + chunk_off;
@@ -220,19 +241,39 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     }
   };
 
-  // The queries go to shared memory behind the stages, laid out as a K tile (rows = the CTA's query rows),
-  // with tile 0's copies: the A operand of S = Q K^T is read from there, which keeps registers for the
-  // overlap below.
-  const u32 q_tile = smem0 + STAGES * 2 * S::TILE_BYTES;
-#pragma unroll
-  for (int k = 0; k < S::CPT; ++k) {
-    const int r = row0 + crow0 + k * S::ROW_STEP, token = r / GROUP;
-    const bool ok = token < rq.qo_len;
-    const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
-    cp_async16(q_tile + chunk_off + k * S::ROW_STEP * 128, src + vec * 8, ok);
+  __shared__ __align__(8) unsigned long long bars[2 * STAGES];  // full[STAGES], then empty[STAGES]
+  const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES;
+  if (tid == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full0 + 8 * st, COPIERS);            // every producer thread, once its copies landed
+      mbar_init(empty0 + 8 * st, WARPGROUPS * 128);  // every consumer thread, once its P V read the stage
+    }
   }
-  int pages[S::CPT];
-  pipeline_start<STAGES - 1>(n_tiles, pages, fetch_pages, issue_tile);
+  __syncthreads();
+  // The queries go to shared memory behind the stages, laid out as a K tile (rows = the CTA's query rows):
+  // the A operand of S = Q K^T is read from there, which keeps the consumers' registers for the overlap.
+  const u32 q_tile = smem0 + STAGES * 2 * S::TILE_BYTES;
+  if (wg == WARPGROUPS) {  // the producer: Q with tile 0, then tile t once both consumers are done with t - STAGES
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+#pragma unroll
+    for (int k = 0; k < S::CPT; ++k) {
+      const int r = row0 + crow0 + k * S::ROW_STEP, token = r / GROUP;
+      const bool ok = token < rq.qo_len;
+      const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
+      cp_async16(q_tile + chunk_off + k * S::ROW_STEP * 128, src + vec * 8, ok);
+    }
+    int pages[S::CPT];
+    if (n_tiles > 0) fetch_pages(0, pages);
+    for (int t = 0; t < n_tiles; ++t) {
+      if (t >= STAGES) mbar_wait(empty0 + 8 * (t % STAGES), (t / STAGES - 1) & 1);
+      issue_tile(t, pages);
+      mbar_arrive_copies(full0 + 8 * (t % STAGES));
+      if (t + 1 < n_tiles) fetch_pages(t + 1, pages);  // its latency passes in the next wait
+    }
+    cp_async_wait<0>();
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
 
   float o[S::BLOCKS][32];
 #pragma unroll
@@ -288,19 +329,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
 #pragma unroll
       for (int i = 0; i < 4; ++i) bits[h][i] = __funnelshift_r(w[i], w[i + 1], shift);
     }
-  };
-  // Whether any of this thread's rows sees a key of tile t by the custom mask.
-  auto any_bit = [&](int t, const u32 (&bits)[2][4]) {
-    const int valid = min(TILE, it.end - it.begin - t * TILE);
-    u32 any = 0u;
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = min(32, max(0, valid - 32 * i));  // keys of word i inside the item
-        any |= real[h] ? bits[h][i] & (n == 32 ? ~0u : (1u << n) - 1u) : 0u;
-      }
-    return any != 0u;
   };
   // Custom mask: each of the thread's rows sees every key in [run.x, run.y) (plan() puts this table of q's
   // rows before the masks), so a tile inside both runs needs no mask words: most tiles of a causal-like mask.
@@ -409,68 +437,62 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   float s[2][32], rescale[2];
   u32 pa[TILE / 16][4];
   u32 bits[2][4], next_bits[2][4];  // custom mask words of tiles t and t + 1 (loaded a tile ahead)
-  bool visible = true, ones = false;
+  bool ones = false;
   if (MASK == CUSTOM && !in_runs(0)) load_bits(0, next_bits);
-  // Tile t ready for every warp. Then tile t + STAGES - 2 starts to copy into the stage of tile t - 2, whose
-  // P V every warp has finished: tile t - 1's P V may still be running (the loop overlaps it with tile t's
-  // softmax), so the pipeline runs one tile shallower than its stages.
+  // Tile t landed (the producer's copies); its custom mask words move up and tile t + 1's start to load.
   auto arrive = [&](int t) {
-    cp_async_wait<STAGES - 3>();
+    mbar_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> tensor-core reads
     if (MASK == CUSTOM) {
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int i = 0; i < 4; ++i) bits[h][i] = next_bits[h][i];
-      // A tile no row of the CTA may see by its mask is skipped (e.g. above a causal-shaped mask's diagonal).
-      const bool inside = in_runs(t);
-      visible = __syncthreads_or(inside || any_bit(t, bits));
-      ones = inside || all_ones(bits);
+      ones = in_runs(t) || all_ones(bits);
       // Tile t's words are read again (from L1) only where its softmax masks per element, so the words of
       // two tiles are not held through the softmax (registers).
       if (t + 1 < n_tiles && !in_runs(t + 1)) load_bits(t + 1, next_bits);
-    } else {
-      __syncthreads();
     }
-    pipeline_next<STAGES - 1>(t, n_tiles, pages, fetch_pages, issue_tile);
   };
-  // Tile t: S = Q K^T and the P V of the last visible tile before it go to the tensor cores together; the
-  // softmax of S runs while that P V does, then the output takes tile t's rescale and P becomes the next A.
-  int pending = -1;  // the tile whose P (in pa) still awaits its P V
-  arrive(0);
+  // Tile t: in this consumer's turn, S = Q K^T and the P V of tile t - 1 go to the tensor cores together,
+  // then the turn passes to the other consumer, whose GEMMs run under this one's softmax. The softmax of S
+  // runs while the P V does; then stage t - 1 is released, the output takes tile t's rescale and P becomes
+  // the next A.
+  if (wg == 1) turn_pass(1);  // consumer 0 starts
+  if (n_tiles > 0) arrive(0);
   for (int t = 0; t < n_tiles; ++t) {
-    if (visible) {
-      issue_qk(t, s);
-      if (pending >= 0) {
-        issue_pv(pending, pa);
-        wgmma_wait<1>();  // S; P V runs on
-      } else {
-        wgmma_wait<0>();
-      }
-      if (is_edge(t, ones)) {
-        if (MASK == CUSTOM) load_bits(t, bits);
-        softmax(Flag<true>(), t, s, rescale, bits);
-      } else {
-        softmax(Flag<false>(), t, s, rescale, bits);
-      }
+    turn_wait(1 + wg);
+    issue_qk(t, s);
+    if (t > 0) {  // issue and wait in one branch: ptxas serializes wgmma across a join (C7514)
+      issue_pv(t - 1, pa);
+      turn_pass(2 - wg);
+      wgmma_wait<1>();  // S; P V runs on
+    } else {
+      turn_pass(2 - wg);
       wgmma_wait<0>();
-      rescale_o(rescale);
-      pack_p(s, pa);
-      pending = t;
-    } else if (pending >= 0) {
-      issue_pv(pending, pa);
-      wgmma_wait<0>();
-      pending = -1;
     }
+    if (is_edge(t, ones)) {
+      if (MASK == CUSTOM) load_bits(t, bits);
+      softmax(Flag<true>(), t, s, rescale, bits);
+    } else {
+      softmax(Flag<false>(), t, s, rescale, bits);
+    }
+    wgmma_wait<0>();
+    if (t > 0) mbar_arrive(empty0 + 8 * ((t - 1) % STAGES));
+    rescale_o(rescale);
+    pack_p(s, pa);
     if (t + 1 < n_tiles) arrive(t + 1);
   }
-  if (pending >= 0) {
-    issue_pv(pending, pa);
+  turn_wait(1 + wg);  // the last tile's P V
+  if (n_tiles > 0) {
+    issue_pv(n_tiles - 1, pa);
+    if (wg == 0) turn_pass(2);  // consumer 1's last turn has no taker
     wgmma_wait<0>();
+  } else if (wg == 0) {
+    turn_pass(2);
   }
 #pragma unroll
   for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
-  cp_async_wait<0>();
 
   // Row sums over the quad that shares a row, then this thread's output columns of rows g and g + 8.
   const bool whole = it.slot < 0;
@@ -501,7 +523,8 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       if (t4 == 0) partial_lse[at] = lse2;
     }
   }
-  if (whole || !last_chunk(it, counters, kv_head, kv_heads)) return;
-  merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, 0, min(ROWS, rq.qo_len * GROUP - row0) * HEAD_DIM / 4, kv_head,
+  constexpr int MERGERS = WARPGROUPS * 128;  // the producer has left
+  if (whole || !last_chunk<MERGERS>(it, counters, kv_head, kv_heads)) return;
+  merge_chunks<T, ROWS, HEAD_DIM, GROUP, MERGERS>(it, rq, row0, 0, min(ROWS, rq.qo_len * GROUP - row0) * HEAD_DIM / 4, kv_head,
                                          kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
 }

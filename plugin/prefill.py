@@ -29,9 +29,10 @@ from .paged import csr_page_table
 from .validate import check_shape, check_tensor, fail
 
 MAX_QO_LEN = 32768
-# Mirrors kernels/prefill_sm90.cu: two warpgroups of 64 query rows, 128-key tiles of 128-byte swizzled rows.
+# Mirrors kernels/prefill_sm90.cu: two consumer warpgroups of 64 query rows and a producer warpgroup, 128-key
+# tiles of 128-byte swizzled rows.
 SM90_HEAD_DIMS = (64, 128)
-_SM90_THREADS = 256
+_SM90_THREADS = 384
 _SM90_ROWS = 128
 _SM90_TILE = 128
 _SM90_SMEM = 227 * 1024  # an H100's most per CTA; one CTA per multiprocessor (the registers allow no second)

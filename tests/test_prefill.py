@@ -179,7 +179,7 @@ def test_hopper_kernel_takes_long_requests_of_its_head_dims():
     assert source(96, 4096, 4) == source(256, 4096, 4) == "decode.cu"
     assert source(128, 4096, 4, hopper=False) == "decode.cu"
     spec = prefill_spec("bf16", 128, 4, 16, False, 4096, CAUSAL, True)
-    assert (spec.threads, spec.rows, spec.tile) == (256, 128, 128) and spec.smem <= 227 * 1024
+    assert (spec.threads, spec.rows, spec.tile) == (384, 128, 128) and spec.smem <= 227 * 1024
 
 
 def make_ragged_case(rng, spec, device="cuda"):

@@ -1,0 +1,27 @@
+"""Our prefill, 32/8/128 causal (bf16, page 16), for Nsight Compute: each shape's wrapper is planned and run twice
+(compile, warm-up), then once more, so the last launch of each shape is the one to profile:
+    ncu --kernel-name regex:prefill_sm90 --launch-skip 4 --launch-count 2 --section WarpStateStats \
+        python3 benchmarks/ncu_prefill.py 8x512+4096 16x1024+0"""
+import sys
+
+import torch
+from common import case_inputs, planned_prefill
+
+
+def main():
+    shapes = sys.argv[1:] or ["8x512+4096", "16x1024+0"]
+    runs = []
+    for shape in shapes:
+        batch_new, prefix = shape.split("+")
+        batch, new = map(int, batch_new.split("x"))
+        case = case_inputs((32, 8, 128), batch, new + int(prefix), new)
+        wrapper = planned_prefill(case, custom=False)
+        runs.append(lambda w=wrapper, c=case: w.run(c.q, c.kv))
+    for _ in range(3):
+        for run in runs:
+            run()
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
