@@ -2,8 +2,10 @@
 // request's paged K/V, masks none / causal / packed custom, sliding window, soft cap, LSE. Same work items,
 // requests and outputs as kernels/decode.cu (which serves every other architecture and head dim).
 //
-// A CTA serves one work item: 128 query rows ((token, head of the group) pairs, token-major) of one request
-// and KV head, against a range of its keys. Three warpgroups (FA3's schedule):
+// A work item is 128 query rows ((token, head of the group) pairs, token-major) of one request and KV head,
+// against a range of its keys. The CTAs are persistent: one wave, each taking (item, KV head) pairs from one
+// queue, so the next pair's queries and keys stream in while the current one finishes. Three warpgroups
+// (FA3's schedule):
 // - a producer (threads 256-383) streams K and V tiles of 128 tokens global -> shared with 16-byte cp.async
 //   through STAGES stages, laid out as wgmma wants them: 64-dim column blocks of 128-byte rows, 16-byte
 //   chunks swizzled by the row (XOR of row % 8), so the tensor cores read each tile straight from shared
@@ -13,7 +15,7 @@
 //   operand's), is the register A operand of O += P V (V transposed). Each consumer overlaps the softmax
 //   of tile t with its P V of tile t - 1, and the two take turns on the tensor cores (named barriers), so
 //   one's GEMMs run under the other's softmax.
-// setmaxnreg moves registers from the producer to the consumers.
+// setmaxnreg moves registers from the producer (56) to the consumers (224).
 #include "attention.cuh"
 
 namespace prefill_sm90 {
@@ -178,12 +180,11 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 128, "whole 128-byte swizzle rows; registers for <= 128");
   static_assert(MASK != TREE, "tree masks are verification's (decode.cu)");
   static_assert(STAGES >= 2, "a stage filling while another is read");
-  if (blockIdx.y >= *num_items) return;  // CUDA-graph mode launches the largest grid the buffers allow
-  const Item it = items[blockIdx.y];
-  const Request rq = requests[it.req];
-  const int kv_head = blockIdx.x, kv_heads = gridDim.x, q_heads = kv_heads * GROUP;
-  const int row0 = it.row_block * ROWS, q_head0 = kv_head * GROUP;
-  const int prefix = rq.kv_len - rq.qo_len;
+  // Work w of the queue is item w / kv_heads (plan() puts the long ones first, so the CTAs that drew short
+  // ones take more) for KV head w % kv_heads. CUDA-graph mode: any item count up to the buffers' capacity.
+  const int kv_heads = gridDim.x, q_heads = kv_heads * GROUP, works = *num_items * kv_heads;
+  int* const queue = counters;  // the first counter; the split chunks' follow
+  ++counters;
   const int tid = threadIdx.x, lane = tid % 32, warp = (tid / 32) % 4;
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform to the compiler: descriptors in uniform registers
   const int g = lane / 4, t4 = lane % 4;
@@ -191,29 +192,31 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   extern __shared__ unsigned char smem_raw[];
   const u32 smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
 
-  // This thread's two rows (g and g + 8 of its warp's 16): query token and head of each.
-  int tok[2], head[2];
-  bool real[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = row0 + wg * 64 + warp * 16 + g + 8 * h;
-    tok[h] = r / GROUP;
-    head[h] = r % GROUP;
-    real[h] = tok[h] < rq.qo_len;
-  }
-  // Keys this warpgroup's rows may see: the first and last of its query tokens bound the causal diagonal
-  // and the window, so tiles wholly inside need no per-element mask.
-  const int wg_tok_lo = (row0 + wg * 64) / GROUP, wg_tok_hi = (row0 + wg * 64 + 63) / GROUP;
-  const int n_tiles = (it.end - it.begin + TILE - 1) / TILE;
+  // The work being served, and g0: how many tiles this CTA streamed before it (the ring's position).
+  Item it;
+  Request rq;
+  int kv_head, q_head0, row0, prefix, n_tiles;
+  u32 g0 = 0;
+  auto take = [&](const Item& item, const Request& request, int head) {
+    it = item;
+    rq = request;
+    kv_head = head;
+    q_head0 = head * GROUP;
+    row0 = it.row_block * ROWS;
+    prefix = rq.kv_len - rq.qo_len;
+    // Warp-uniform to the compiler (the item comes from shared memory), so that the ring's stages and
+    // phases, and with them the descriptors, stay in uniform registers.
+    n_tiles = __shfl_sync(0xffffffffu, (it.end - it.begin + TILE - 1) / TILE, 0);
+  };
+  auto stage = [&](int t) { return (g0 + t) % STAGES; };          // of the item's tile t
+  auto phase = [&](int t) { return (int)((g0 + t) / STAGES) & 1; };  // of its stage's barriers
 
   // Copies: thread tid moves 16-byte chunk `vec` of rows crow0 + k * ROW_STEP of every tile, K and V.
   const int vec = tid % COPIERS % S::VPR, crow0 = tid % COPIERS / S::VPR;
   const u32 chunk_off = (vec / 8) * S::BLOCK_BYTES + crow0 * 128 + (((vec % 8) ^ (crow0 % ATOM_ROWS)) << 4);
-  // Byte addresses, so that a row's address is one 32 x 32 -> 64-bit multiply-add on its page id (run()
-  // keeps the strides under 4 GiB).
-  const i64 head_off = (i64)kv_head * head_stride + vec * 8;
-  const char* k_head = reinterpret_cast<const char*>(k_cache + head_off);
-  const char* v_head = reinterpret_cast<const char*>(v_cache + head_off);
+  // Byte addresses (of the work's KV head), so that a row's address is one 32 x 32 -> 64-bit multiply-add
+  // on its page id (run() keeps the strides under 4 GiB).
+  const char *k_head, *v_head;
   const u32 page_bytes = (u32)page_stride * 2u, token_bytes = (u32)token_stride * 2u;
   // The page id of each of the thread's rows of tile t, -1 past the item's end. With ROW_STEP a multiple
   // of PAGE_SIZE the rows' pages are consecutive entries of the table.
@@ -228,10 +231,10 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       pages[k] = token < (u32)it.end ? __ldg(ids + index) : -1;
     }
   };
-  // Tile t goes to stage t % STAGES.
+  // Tile t goes to stage(t).
   auto issue_tile = [&](int t, const int (&pages)[S::CPT]) {
     const u32 first = it.begin + t * TILE + crow0;
-    const u32 k_dst = smem0 + (t % STAGES) * 2 * S::TILE_BYTES + chunk_off;
+    const u32 k_dst = smem0 + stage(t) * 2 * S::TILE_BYTES + chunk_off;
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       // The slot in the page: the same for every row of the thread when ROW_STEP is a multiple of PAGE_SIZE.
@@ -244,48 +247,118 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     }
   };
 
-  __shared__ __align__(8) unsigned long long bars[2 * STAGES];  // full[STAGES], then empty[STAGES]
-  const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES;
+  // full[STAGES], empty[STAGES], then q_full and q_free (the Q tile's, once per item)
+  __shared__ __align__(8) unsigned long long bars[2 * STAGES + 2];
+  // The CTA's work k at [k % 2] for the consumers (req -1: none is left), written before q_full's phase k
+  // completes; work_at: its queue position, for the producer's threads.
+  __shared__ Item item_at[2];
+  __shared__ Request request_at[2];
+  __shared__ int head_at[2], work_at[2];
+  const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES, q_full = empty0 + 8 * STAGES, q_free = q_full + 8;
   if (tid == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(full0 + 8 * st, COPIERS);            // every producer thread, once its copies landed
       mbar_init(empty0 + 8 * st, WARPGROUPS * 128);  // every consumer thread, once its P V read the stage
     }
+    mbar_init(q_full, COPIERS + 1);  // and the producer thread that wrote item_at
+    mbar_init(q_free, WARPGROUPS * 128);  // every consumer thread, once its last S = Q K^T of an item is done
   }
   __syncthreads();
   // The queries go to shared memory behind the stages, laid out as a K tile (rows = the CTA's query rows):
   // the A operand of S = Q K^T is read from there, which keeps the consumers' registers for the overlap.
   const u32 q_tile = smem0 + STAGES * 2 * S::TILE_BYTES;
-  if (wg == WARPGROUPS) {  // the producer: Q with tile 0, then tile t once both consumers are done with t - STAGES
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+  // The producer: per item its queries, once both consumers' last S of the item before is done, then each
+  // tile once both consumers are done with the tile STAGES before it in the ring. Past the last item, q_full
+  // completes once more with item_at's req -1, which ends the consumers' loop.
+  if (wg == WARPGROUPS) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    // One thread takes from the queue. Each CTA takes until it draws past the end, so the takes number
+    // works + CTAs in all: the last one resets the queue for the next launch (or graph replay).
+    const bool taker = tid == WARPGROUPS * 128;
+    auto take_work = [&]() {
+      const int w = atomicAdd(queue, 1);
+      if (w == works + (int)(gridDim.x * gridDim.y) - 1) *queue = 0;
+      return w;
+    };
+    auto producers_sync = []() { asm volatile("bar.sync 3, %0;" :: "n"(COPIERS) : "memory"); };
+    if (taker) work_at[0] = take_work();
+    producers_sync();
+    int w = work_at[0];
+    for (int k = 0;; ++k) {
+      const bool done = w >= works;
+      int pages[S::CPT];
+      // The item loads while the consumers finish the item before. item_at[k % 2] held item k - 2, which the
+      // consumers read before q_free's phase k - 2 completed (this thread waited for it).
+      if (done) {
+        if (taker) item_at[k % 2].req = -1;
+      } else {
+        const Item item = items[w / kv_heads];
+        const Request request = requests[item.req];
+        if (taker) {
+          item_at[k % 2] = item;
+          request_at[k % 2] = request;
+          head_at[k % 2] = w % kv_heads;
+        }
+        take(item, request, w % kv_heads);
+        const i64 head_off = (i64)kv_head * head_stride + vec * 8;
+        k_head = reinterpret_cast<const char*>(k_cache + head_off);
+        v_head = reinterpret_cast<const char*>(v_cache + head_off);
+      }
+      if (k > 0) mbar_wait(q_free, (k - 1) & 1);
+      if (!done) {
+        if (n_tiles > 0) fetch_pages(0, pages);
 #pragma unroll
-    for (int k = 0; k < S::CPT; ++k) {
-      const int r = row0 + crow0 + k * S::ROW_STEP, token = r / GROUP;
-      const bool ok = token < rq.qo_len;
-      const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
-      cp_async16(q_tile + chunk_off + k * S::ROW_STEP * 128, src + vec * 8, ok);
-    }
-    int pages[S::CPT];
-    if (n_tiles > 0) fetch_pages(0, pages);
-    for (int t = 0; t < n_tiles; ++t) {
-      if (t >= STAGES) mbar_wait(empty0 + 8 * (t % STAGES), (t / STAGES - 1) & 1);
-      issue_tile(t, pages);
-      mbar_arrive_copies(full0 + 8 * (t % STAGES));
-      if (t + 1 < n_tiles) fetch_pages(t + 1, pages);  // its latency passes in the next wait
+        for (int j = 0; j < S::CPT; ++j) {
+          const int r = row0 + crow0 + j * S::ROW_STEP, token = r / GROUP;
+          const bool ok = token < rq.qo_len;
+          const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
+          cp_async16(q_tile + chunk_off + j * S::ROW_STEP * 128, src + vec * 8, ok);
+        }
+      }
+      mbar_arrive_copies(q_full);
+      if (taker) mbar_arrive(q_full);  // releases its stores to item_at, request_at and head_at
+      if (done) break;
+      const int next = taker ? take_work() : 0;  // its latency passes in the tiles' copies
+      for (int t = 0; t < n_tiles; ++t) {
+        if (g0 + t >= STAGES) mbar_wait(empty0 + 8 * stage(t), phase(t) ^ 1);
+        issue_tile(t, pages);
+        mbar_arrive_copies(full0 + 8 * stage(t));
+        if (t + 1 < n_tiles) fetch_pages(t + 1, pages);  // its latency passes in the next wait
+      }
+      g0 += n_tiles;
+      if (taker) work_at[(k + 1) % 2] = next;
+      producers_sync();
+      w = work_at[(k + 1) % 2];
     }
     cp_async_wait<0>();
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
 
-  float o[S::BLOCKS][32];
+  // This thread's two rows of the item (g and g + 8 of its warp's 16): query token and head of each; the
+  // keys its warpgroup's rows may see (the first and last of their query tokens bound the causal diagonal
+  // and the window, so tiles wholly inside need no per-element mask); and (custom mask) each row sees every
+  // key in [run.x, run.y) (plan() puts this table of q's rows before the masks), so a tile inside both runs
+  // needs no mask words: most tiles of a causal-like mask.
+  int tok[2], head[2], wg_tok_lo, wg_tok_hi;
+  bool real[2];
+  int2 run[2];
+  auto take_rows = [&]() {
 #pragma unroll
-  for (int b = 0; b < S::BLOCKS; ++b)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
-  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + wg * 64 + warp * 16 + g + 8 * h;
+      tok[h] = r / GROUP;
+      head[h] = r % GROUP;
+      real[h] = tok[h] < rq.qo_len;
+      run[h] = MASK == CUSTOM && real[h] ? reinterpret_cast<const int2*>(mask_bits)[rq.qo_start + tok[h]]
+                                         : make_int2(0, 0x7fffffff);
+    }
+    wg_tok_lo = (row0 + wg * 64) / GROUP;
+    wg_tok_hi = (row0 + wg * 64 + 63) / GROUP;
+  };
+  float o[S::BLOCKS][32], m[2], l[2];
 
-  auto k_tile = [&](int t) { return smem0 + (t % STAGES) * 2 * S::TILE_BYTES; };
+  auto k_tile = [&](int t) { return smem0 + stage(t) * 2 * S::TILE_BYTES; };
   // Byte offset of k-step kk (16 dims) of the 64 rows from `row` in a K-major tile (the Q tile or a K tile).
   auto k_major = [](int row, int kk) { return (kk / 4) * S::BLOCK_BYTES + row * 128 + (kk % 4) * 32; };
   const unsigned long long q_desc = smem_desc(q_tile + wg * 64 * 128, 16, 1024);
@@ -333,13 +406,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       for (int i = 0; i < 4; ++i) bits[h][i] = __funnelshift_r(w[i], w[i + 1], shift);
     }
   };
-  // Custom mask: each of the thread's rows sees every key in [run.x, run.y) (plan() puts this table of q's
-  // rows before the masks), so a tile inside both runs needs no mask words: most tiles of a causal-like mask.
-  int2 run[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-    run[h] = MASK == CUSTOM && real[h] ? reinterpret_cast<const int2*>(mask_bits)[rq.qo_start + tok[h]]
-                                       : make_int2(0, 0x7fffffff);
+  // Custom mask: whether tile t is inside both of the thread's rows' runs of visible keys.
   auto in_runs = [&](int t) {
     const int first = it.begin + t * TILE, last = min(first + TILE, it.end) - 1;
     return first >= run[0].x && last < run[0].y && first >= run[1].x && last < run[1].y;
@@ -441,10 +508,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   u32 pa[TILE / 16][4];
   u32 bits[2][4], next_bits[2][4];  // custom mask words of tiles t and t + 1 (loaded a tile ahead)
   bool ones = false;
-  if (MASK == CUSTOM && !in_runs(0)) load_bits(0, next_bits);
   // Tile t landed (the producer's copies); its custom mask words move up and tile t + 1's start to load.
   auto arrive = [&](int t) {
-    mbar_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
+    mbar_wait(full0 + 8 * stage(t), phase(t));
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> tensor-core reads
     if (MASK == CUSTOM) {
 #pragma unroll
@@ -460,74 +526,93 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   // Tile t: in this consumer's turn, S = Q K^T and the P V of tile t - 1 go to the tensor cores together,
   // then the turn passes to the other consumer, whose GEMMs run under this one's softmax. The softmax of S
   // runs while the P V does; then stage t - 1 is released, the output takes tile t's rescale and P becomes
-  // the next A.
+  // the next A. The turns run on across items.
   if (wg == 1) turn_pass(1);  // consumer 0 starts
-  if (n_tiles > 0) arrive(0);
-  for (int t = 0; t < n_tiles; ++t) {
-    turn_wait(1 + wg);
-    issue_qk(t, s);
-    if (t > 0) {  // issue and wait in one branch: ptxas serializes wgmma across a join (C7514)
-      issue_pv(t - 1, pa);
-      turn_pass(2 - wg);
-      wgmma_wait<1>();  // S; P V runs on
-    } else {
+  for (int k = 0;; ++k) {
+    mbar_wait(q_full, k & 1);  // (arrive's proxy fence covers the Q tile too)
+    if (item_at[k % 2].req < 0) break;
+    take(item_at[k % 2], request_at[k % 2], head_at[k % 2]);
+    take_rows();
+#pragma unroll
+    for (int b = 0; b < S::BLOCKS; ++b)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
+    m[0] = m[1] = NEG_INF;
+    l[0] = l[1] = 0.f;
+    if (MASK == CUSTOM && n_tiles > 0 && !in_runs(0)) load_bits(0, next_bits);
+    if (n_tiles > 0) arrive(0);
+    for (int t = 0; t < n_tiles; ++t) {
+      turn_wait(1 + wg);
+      issue_qk(t, s);
+      if (t > 0) {  // issue and wait in one branch: ptxas serializes wgmma across a join (C7514)
+        issue_pv(t - 1, pa);
+        turn_pass(2 - wg);
+        wgmma_wait<1>();  // S; P V runs on
+      } else {
+        turn_pass(2 - wg);
+        wgmma_wait<0>();
+      }
+      if (t + 1 == n_tiles) mbar_arrive(q_free);  // the item's last S has read the Q tile
+      if (is_edge(t, ones)) {
+        if (MASK == CUSTOM) load_bits(t, bits);
+        softmax(Flag<true>(), t, s, rescale, bits);
+      } else {
+        softmax(Flag<false>(), t, s, rescale, bits);
+      }
+      wgmma_wait<0>();
+      if (t > 0) mbar_arrive(empty0 + 8 * stage(t - 1));
+      rescale_o(rescale);
+      pack_p(s, pa);
+      if (t + 1 < n_tiles) arrive(t + 1);
+    }
+    turn_wait(1 + wg);  // the last tile's P V
+    if (n_tiles > 0) {
+      issue_pv(n_tiles - 1, pa);
       turn_pass(2 - wg);
       wgmma_wait<0>();
-    }
-    if (is_edge(t, ones)) {
-      if (MASK == CUSTOM) load_bits(t, bits);
-      softmax(Flag<true>(), t, s, rescale, bits);
+      mbar_arrive(empty0 + 8 * stage(n_tiles - 1));
     } else {
-      softmax(Flag<false>(), t, s, rescale, bits);
+      mbar_arrive(q_free);
+      turn_pass(2 - wg);
     }
-    wgmma_wait<0>();
-    if (t > 0) mbar_arrive(empty0 + 8 * ((t - 1) % STAGES));
-    rescale_o(rescale);
-    pack_p(s, pa);
-    if (t + 1 < n_tiles) arrive(t + 1);
-  }
-  turn_wait(1 + wg);  // the last tile's P V
-  if (n_tiles > 0) {
-    issue_pv(n_tiles - 1, pa);
-    if (wg == 0) turn_pass(2);  // consumer 1's last turn has no taker
-    wgmma_wait<0>();
-  } else if (wg == 0) {
-    turn_pass(2);
-  }
 #pragma unroll
-  for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
+    for (int b = 0; b < S::BLOCKS; ++b) pin(o[b]);
+    g0 += n_tiles;
 
-  // Row sums over the quad that shares a row, then this thread's output columns of rows g and g + 8.
-  const bool whole = it.slot < 0;
+    // Row sums over the quad that shares a row, then this thread's output columns of rows g and g + 8.
+    const bool whole = it.slot < 0;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    if (!real[h]) continue;
-    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f, lse2 = l[h] > 0.f ? m[h] + __log2f(l[h]) : NEG_INF;
-    const int row = wg * 64 + warp * 16 + g + 8 * h;
-    const int token = rq.qo_start + tok[h], qh = q_head0 + head[h];
-    if (whole) {
-      u16* dst = out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + 2 * t4;
+    for (int h = 0; h < 2; ++h) {
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+      if (!real[h]) continue;
+      const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f, lse2 = l[h] > 0.f ? m[h] + __log2f(l[h]) : NEG_INF;
+      const int row = wg * 64 + warp * 16 + g + 8 * h;
+      const int token = rq.qo_start + tok[h], qh = q_head0 + head[h];
+      if (whole) {
+        u16* dst = out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + 2 * t4;
 #pragma unroll
-      for (int b = 0; b < S::BLOCKS; ++b)
+        for (int b = 0; b < S::BLOCKS; ++b)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<u32*>(dst + b * 64 + 8 * j) = Half<T>::pack2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
-      if (lse != nullptr && t4 == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
-    } else {
-      const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
-      float* dst = partial_o + at * HEAD_DIM + 2 * t4;
+          for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<u32*>(dst + b * 64 + 8 * j) = Half<T>::pack2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
+        if (lse != nullptr && t4 == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
+      } else {
+        const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
+        float* dst = partial_o + at * HEAD_DIM + 2 * t4;
 #pragma unroll
-      for (int b = 0; b < S::BLOCKS; ++b)
+        for (int b = 0; b < S::BLOCKS; ++b)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<float2*>(dst + b * 64 + 8 * j) = make_float2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
-      if (t4 == 0) partial_lse[at] = lse2;
+          for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<float2*>(dst + b * 64 + 8 * j) = make_float2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
+        if (t4 == 0) partial_lse[at] = lse2;
+      }
     }
+    constexpr int MERGERS = WARPGROUPS * 128;  // the producer does not take part
+    if (!whole && last_chunk<MERGERS>(it, counters, kv_head, kv_heads))
+      merge_chunks<T, ROWS, HEAD_DIM, GROUP, MERGERS>(it, rq, row0, 0, min(ROWS, rq.qo_len * GROUP - row0) * HEAD_DIM / 4,
+                                                      kv_head, kv_heads, partial_o, partial_lse, out, out_stride_tok,
+                                                      out_stride_head, lse);
   }
-  constexpr int MERGERS = WARPGROUPS * 128;  // the producer has left
-  if (whole || !last_chunk<MERGERS>(it, counters, kv_head, kv_heads)) return;
-  merge_chunks<T, ROWS, HEAD_DIM, GROUP, MERGERS>(it, rq, row0, 0, min(ROWS, rq.qo_len * GROUP - row0) * HEAD_DIM / 4, kv_head,
-                                         kv_heads, partial_o, partial_lse, out, out_stride_tok, out_stride_head, lse);
+  if (wg == 0) turn_wait(1);  // consumer 1's last pass
 }

@@ -93,6 +93,7 @@ class KernelSpec:
     tile: int       # keys per pipeline stage: split chunks are whole tiles
     min_chunk: int  # shortest split chunk, in keys
     smem: int       # dynamic shared memory, bytes
+    persistent: bool = False  # one wave of CTAs, each taking (item, KV head) pairs until none are left
 
 
 def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, max_tokens: int,
@@ -234,7 +235,9 @@ class DecodeWrapper:
         self._plan = dict(
             kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
-            grid=(num_kv_heads, capacity), threads=(spec.threads,), smem=spec.smem, merger=merger,
+            # persistent: at least one CTA per SM (the few past it find the queue empty when they start)
+            grid=(num_kv_heads, min(capacity, -(-target // num_kv_heads)) if spec.persistent else capacity),
+            threads=(spec.threads,), smem=spec.smem, merger=merger,
             work_args=tuple(np.uint64(t.data_ptr()) for t in ptrs),
             tail_args=(*(np.uint64(b[k].data_ptr()) for k in ("partial_o", "partial_lse", "counters")),
                        np.float32(qk_scale), np.float32(cap * LOG2E), np.int32(window),
@@ -403,7 +406,8 @@ class DecodeWrapper:
             ("work", planning.ITEM_INTS * (1 + need["items"]) + 4 * need["requests"] + need["ids"], torch.int32),
             ("partial_o", need["slots"] * kv_heads * block * head_dim, torch.float32),
             ("partial_lse", need["slots"] * kv_heads * block, torch.float32),
-            ("counters", need["slots"] * kv_heads, torch.int32),
+            # per split slot and KV head, and one more: the Hopper prefill kernel's work queue
+            ("counters", need["slots"] * kv_heads + 1, torch.int32),
             ("mask", need["mask"], torch.uint8)], self.device, self.workspace)
         self._buffers["counters"].zero_()  # the kernel leaves them at zero after every launch
         self._buffers.update(need=need, shape=shape)

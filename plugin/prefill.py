@@ -14,8 +14,9 @@ its visible keys cost): a mask on the GPU is read back once (a sync), one on the
 window (window_left), logits soft cap, sm_scale and the LSE as for decode.
 
 Kernels: on Hopper (sm_90a), head dims 64 and 128, requests of more than 64 query rows (tokens x group)
-run kernels/prefill_sm90.cu (warpgroup tensor cores, 128 rows per CTA); everything else (other GPUs, head
-dims 80/96/256, short requests) the decode kernel with up to 64 query rows per CTA (mma.sync).
+run kernels/prefill_sm90.cu (warpgroup tensor cores, work items of 128 query rows, one wave of persistent
+CTAs taking them from a queue); everything else (other GPUs, head dims 80/96/256, short requests) the decode
+kernel with up to 64 query rows per CTA (mma.sync).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def prefill_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft
     """The Hopper kernel where it applies (see the module docstring), else the decode kernel."""
     if hopper and head_dim in SM90_HEAD_DIMS and max_tokens * group > 64:
         return KernelSpec("prefill_sm90.cu", sm90_kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, mask),
-                          _SM90_THREADS, _SM90_ROWS, _SM90_TILE, _SM90_TILE, _sm90_stages(head_dim)[1])
+                          _SM90_THREADS, _SM90_ROWS, _SM90_TILE, _SM90_TILE, _sm90_stages(head_dim)[1],
+                          persistent=True)
     return decode_spec(dtype_tag, head_dim, group, page_size, soft_cap, max_tokens, mask)
 
 

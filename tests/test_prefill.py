@@ -269,6 +269,24 @@ def test_long_prefills_run_on_the_hopper_kernel():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask", ["causal", "custom"])
+def test_hopper_kernel_serves_every_item_at_each_launch(mask):
+    """More work items than CTAs: a CTA takes items from its KV head's queue, which the last take resets,
+    so a second launch of the same plan serves them all again."""
+    if not hopper():
+        pytest.skip("the wgmma kernel is for sm_90 only")
+    case = make_case(np.random.default_rng(8), ("bf16", 128, 4, 16, False), qo_lens=[4096, 300, 4096],
+                     prefixes=[0, 700, 100], mask=mask)
+    wrapper = PrefillWrapper("cuda", kv_layout=case["layout"])
+    first = run_case(case, wrapper)
+    assert wrapper._plan["grid"][1] < int(wrapper._buffers["work"][0])  # CTAs per KV head < items
+    out = torch.full_like(first[0], float("nan"))
+    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    check_against_reference(case, out, lse)
+
+
+@pytest.mark.gpu
 def test_fuzz_300_cases_match_reference(warm_kernels):
     fuzz(300, 777, spec_pool(48, 91), make_case, run_case, check_against_reference,
           lambda c: f"qo={torch.diff(c['qo_indptr']).tolist()} kv={c['table'].kv_lens().tolist()} "
@@ -348,3 +366,17 @@ def test_sanitizer_sweep_prefill():
             check_against_reference(case, *run_case(case))
     case = make_ragged_case(rng, ("bf16", 128, 4, 1, False))
     check_ragged(case, *run_ragged_case(case))
+    if hopper():  # two CTAs per KV head, ~10 items each: the queue, Q's reuse and the ring across items
+        for mask in ("causal", "custom"):
+            case = make_case(rng, ("bf16", 128, 4, 16, False), qo_lens=[300, 40], prefixes=[200, 0], mask=mask)
+            check_against_reference(case, *run_on_two_ctas(case))
+
+
+def run_on_two_ctas(case):
+    """plan + run with the Hopper kernel's grid cut to two CTAs per KV head, which then serve every item."""
+    wrapper = PrefillWrapper("cuda", kv_layout=case["layout"])
+    run_case(case, wrapper)
+    wrapper._plan["grid"] = (wrapper._plan["grid"][0], 2)
+    out = torch.full_like(case["q"], float("nan"))
+    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    return out, lse
