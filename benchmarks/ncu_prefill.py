@@ -1,7 +1,11 @@
 """Our prefill, 32/8/128 causal (bf16, page 16), for Nsight Compute: each shape's wrapper is planned and run twice
 (compile, warm-up), then once more, so the last launch of each shape is the one to profile:
     ncu --kernel-name regex:prefill_sm90 --launch-skip 4 --launch-count 2 --section WarpStateStats \
-        python3 benchmarks/ncu_prefill.py 8x512+4096 16x1024+0"""
+        python3 benchmarks/ncu_prefill.py 8x512+4096 16x1024+0
+Stalls per SASS instruction (one shape; -lineinfo from PAGEDINFER_LINEINFO):
+    PAGEDINFER_LINEINFO=1 ncu --kernel-name regex:prefill_sm90 --launch-skip 2 --launch-count 1 --set full \
+        --import-source yes -o $OUT/extend python3 benchmarks/ncu_prefill.py 8x512+4096
+    ncu -i $OUT/extend.ncu-rep --page source --csv --print-source sass > $OUT/extend-source.csv"""
 import sys
 
 import torch
