@@ -271,7 +271,7 @@ def test_long_prefills_run_on_the_hopper_kernel():
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask", ["causal", "custom"])
 def test_hopper_kernel_serves_every_item_at_each_launch(mask):
-    """More work items than CTAs: a CTA takes items from its KV head's queue, which the last take resets,
+    """More work than CTAs: the CTAs take (item, KV head) pairs from one queue, which the last take resets,
     so a second launch of the same plan serves them all again."""
     if not hopper():
         pytest.skip("the wgmma kernel is for sm_90 only")
@@ -366,7 +366,7 @@ def test_sanitizer_sweep_prefill():
             check_against_reference(case, *run_case(case))
     case = make_ragged_case(rng, ("bf16", 128, 4, 1, False))
     check_ragged(case, *run_ragged_case(case))
-    if hopper():  # two CTAs per KV head, ~10 items each: the queue, Q's reuse and the ring across items
+    if hopper():  # a grid of two CTAs per KV head, several items each: the queue, Q's reuse, the ring across items
         for mask in ("causal", "custom"):
             case = make_case(rng, ("bf16", 128, 4, 16, False), qo_lens=[300, 40], prefixes=[200, 0], mask=mask)
             check_against_reference(case, *run_on_two_ctas(case))
