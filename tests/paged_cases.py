@@ -99,6 +99,11 @@ def run_ragged(wrapper_cls, case, wrapper=None):
     cache = as_paged_kv_cache(case["cache"], case["layout"])
     wrapper.plan(case["qo_indptr"], case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim,
                  q_dtype=case["dtype"], **case["masks"], **case["options"])
+    return run_planned(wrapper, case)
+
+
+def run_planned(wrapper, case):
+    """run of a planned wrapper on the case into a NaN-poisoned output; (out, lse)."""
     out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
     _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
     return out, lse

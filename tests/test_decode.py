@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from paged_cases import DTYPES, assert_matches, build_paged, fuzz, random_queries, spec_pool
+from paged_cases import DTYPES, assert_matches, build_paged, fuzz, random_queries, run_planned, spec_pool
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode, kernel_name
@@ -64,9 +64,7 @@ def run_case(case, wrapper=None):
     cache = as_paged_kv_cache(case["cache"], case["layout"])
     wrapper.plan(case["table"], case["q"].shape[1], cache.kv_heads, cache.head_dim, q_dtype=case["dtype"],
                  **case["options"])
-    out = torch.full(case["q"].shape, float("nan"), dtype=case["dtype"], device=case["q"].device)
-    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
-    return out, lse
+    return run_planned(wrapper, case)
 
 
 # ------------------------------------------------------------------------------ CPU: validation

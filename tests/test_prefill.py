@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_ragged,
-                         spec_pool)
+from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, fuzz, random_queries, run_planned,
+                         run_ragged, spec_pool)
 
 from pagedinfer import kernels, reference
 from pagedinfer.decode import CAUSAL, CUSTOM, NO_MASK
@@ -280,8 +280,7 @@ def test_hopper_kernel_serves_every_item_at_each_launch(mask):
     wrapper = PrefillWrapper("cuda", kv_layout=case["layout"])
     first = run_case(case, wrapper)
     assert wrapper._plan["grid"][1] < int(wrapper._buffers["work"][0])  # CTAs per KV head < items
-    out = torch.full_like(first[0], float("nan"))
-    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
+    out, lse = run_planned(wrapper, case)
     assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
     check_against_reference(case, out, lse)
 
@@ -377,6 +376,4 @@ def run_on_two_ctas(case):
     wrapper = PrefillWrapper("cuda", kv_layout=case["layout"])
     run_case(case, wrapper)
     wrapper._plan["grid"] = (wrapper._plan["grid"][0], 2)
-    out = torch.full_like(case["q"], float("nan"))
-    _, lse = wrapper.run(case["q"], case["cache"], out=out, return_lse=True)
-    return out, lse
+    return run_planned(wrapper, case)
