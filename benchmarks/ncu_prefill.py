@@ -5,22 +5,39 @@
 Stalls per SASS instruction (one shape; -lineinfo from PAGEDINFER_LINEINFO):
     PAGEDINFER_LINEINFO=1 ncu --kernel-name regex:prefill_sm90 --launch-skip 2 --launch-count 1 --set full \
         --import-source yes -o $OUT/extend python3 benchmarks/ncu_prefill.py 8x512+4096
-    ncu -i $OUT/extend.ncu-rep --page source --csv --print-source sass > $OUT/extend-source.csv"""
+    ncu -i $OUT/extend.ncu-rep --page source --csv --print-source sass > $OUT/extend-source.csv
+With --flashinfer the same shapes run through FlashInfer's paged prefill wrapper (backend auto) instead, for the
+same profile of its kernel (`--kernel-name regex:"(?i)prefill"` in a process that runs no kernel of ours)."""
 import sys
 
 import torch
 from common import case_inputs, planned_prefill
 
+from pagedinfer import bench
+
+
+def flashinfer_run(case):
+    import flashinfer
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="auto")
+    w.plan(case.qo_indptr.cuda(), case.indptr, case.ids, case.last, *case.heads, bench.PAGE, causal=True,
+           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    return lambda: w.run(case.q, case.kv)
+
 
 def main():
-    shapes = sys.argv[1:] or ["8x512+4096", "16x1024+0"]
+    args = [a for a in sys.argv[1:] if a != "--flashinfer"]
+    theirs = len(args) < len(sys.argv) - 1
     runs = []
-    for shape in shapes:
+    for shape in args or ["8x512+4096", "16x1024+0"]:
         batch_new, prefix = shape.split("+")
         batch, new = map(int, batch_new.split("x"))
         case = case_inputs((32, 8, 128), batch, new + int(prefix), new)
-        wrapper = planned_prefill(case, custom=False)
-        runs.append(lambda w=wrapper, c=case: w.run(c.q, c.kv))
+        if theirs:
+            runs.append(flashinfer_run(case))
+        else:
+            wrapper = planned_prefill(case, custom=False)
+            runs.append(lambda w=wrapper, c=case: w.run(c.q, c.kv))
     for _ in range(3):
         for run in runs:
             run()

@@ -106,7 +106,7 @@ def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
 
 class DecodeWrapper:
     MAX_QO_LEN = 1  # query tokens per request this wrapper accepts (VerifyWrapper: 16, PrefillWrapper: 32768)
-    LONGEST_FIRST = False  # order work items by key range, longest first (prefill's uneven causal units)
+    LONGEST_FIRST = False  # order work items longest first, by request within a size class (plan.py)
 
     def __init__(self, device="cuda", *, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_pages: int | None = None,
@@ -266,9 +266,8 @@ class DecodeWrapper:
                                  target_ctas=target, min_chunk=spec.min_chunk)
         work.items[:, 7] = unit_block[work.items[:, 0]]
         work.items[:, 0] = unit_req[work.items[:, 0]]
-        if self.LONGEST_FIRST:  # the long key ranges start first, the short ones fill the tail of the wave
-            work = planning.WorkList(work.items[np.argsort(work.items[:, 2] - work.items[:, 3], kind="stable")],
-                                     work.num_slots)
+        if self.LONGEST_FIRST:  # prefill's uneven causal units
+            work = planning.WorkList(planning.longest_first_by_request(work.items, spec.tile), work.num_slots)
         requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
                              else mask_offsets], axis=1).astype(np.int32)
         return work, requests

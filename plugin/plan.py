@@ -87,6 +87,16 @@ def split_kv(row_starts: np.ndarray, begins: np.ndarray, ends: np.ndarray, *, kv
     return WorkList(items, int(chunks[split].sum()))
 
 
+def longest_first_by_request(items: np.ndarray, tile: int) -> np.ndarray:
+    """The order in which prefill's work items are taken: by length class (whole tiles, powers of two), longest
+    first, so that the short ones fill the tail of the wave; inside a class the items of one request together,
+    longest first, so that the CTAs running at once share their request's K/V in L2. (Longest first alone
+    interleaves all requests: at 16 x 1024 the K/V came from DRAM several times, at an L2 hit rate of 26%.)"""
+    lengths = (items[:, 3] - items[:, 2]).astype(np.int64)
+    size_class = np.floor(np.log2(np.maximum(1, -(-lengths // tile)))).astype(np.int64)
+    return items[np.lexsort((-lengths, items[:, 0], -size_class))]
+
+
 def plan_on_device(device, seq_lens: torch.Tensor, block_table: torch.Tensor, *, qo_len: int, group: int, rows: int,
                    page_size: int, tile: int, min_chunk: int, budget: int, window_left: int, causal: bool,
                    work: torch.Tensor, requests_at: int, page_ids: torch.Tensor) -> None:

@@ -60,6 +60,26 @@ def test_split_fits_one_wave(batch, kv_len):
     assert work.num_items * 8 > 264 // 2 or kv_len <= 32 * 264 // 8 // batch
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_longest_first_by_request_groups_each_size_class_by_request(seed):
+    rng = np.random.default_rng(seed)
+    n, tile = int(rng.integers(1, 300)), 128
+    items = np.zeros((n, plan.ITEM_INTS), dtype=np.int32)
+    items[:, 0] = rng.integers(0, 12, n)
+    items[:, 3] = rng.integers(1, 40 * tile, n)
+    items[:, 7] = np.arange(n)  # to follow each item
+    ordered = plan.longest_first_by_request(items, tile)
+    assert sorted(ordered[:, 7]) == list(range(n))
+    tiles = -(-ordered[:, 3] // tile)
+    size_class = np.floor(np.log2(tiles))
+    assert (np.diff(size_class) <= 0).all()  # longer classes first
+    for c in np.unique(size_class):
+        members = ordered[size_class == c]
+        assert (np.diff(members[:, 0]) >= 0).all()  # each request's items together
+        for req in np.unique(members[:, 0]):
+            assert (np.diff(members[members[:, 0] == req, 3]) <= 0).all()  # longest first
+
+
 def test_carve_buffers_from_a_caller_workspace():
     raw = torch.zeros(4096 + 256, dtype=torch.uint8)
     ws = raw[(-raw.data_ptr()) % 256:][:4096]  # 256-byte aligned, as device allocations are
