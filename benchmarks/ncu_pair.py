@@ -1,8 +1,8 @@
 """One launch each of pagedinfer and FlashInfer on the same inputs, for Nsight Compute to compare:
     ncu --metrics ... python3 benchmarks/ncu_pair.py [--decode 256x4096] [--verify 64x4x2048]
 decode 32/8/128 batch x kv len (ours vs FlashInfer's tensor-core decode) and verify 32/8/128 batch x drafts x
-kv len, causal (ours vs FlashInfer's fa2 prefill). Each is run twice first (JIT, warm-up), then once under
-NVTX ranges."""
+kv len, causal (ours vs FlashInfer's fa2 prefill); `--heads 9/3/64` for other q heads / kv heads / head dim.
+Each is run twice first (JIT, warm-up), then once under NVTX ranges."""
 import argparse
 
 import torch
@@ -18,10 +18,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--decode", default="256x4096")
     parser.add_argument("--verify", default="64x4x2048")
+    parser.add_argument("--heads", default="32/8/128")
     args = parser.parse_args()
     batch, kv_len = map(int, args.decode.split("x"))
     vbatch, drafts, vkv_len = map(int, args.verify.split("x"))
-    heads = (32, 8, 128)
+    heads = tuple(map(int, args.heads.split("/")))
     q_heads, kv_heads, head_dim = heads
     workspace = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     calls = []

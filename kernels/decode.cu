@@ -47,7 +47,12 @@ struct Shape {
   static constexpr bool SWIZZLE = HEAD_DIM % 64 == 0;
   static constexpr int PITCH = SWIZZLE ? HEAD_DIM : HEAD_DIM + 8;
   static constexpr int STAGE_ELEMS = 2 * TILE * PITCH;              // K then V
-  static constexpr int ROW_STEP = THREADS / VPR;                   // rows one pass of the copying threads covers
+  // Copying threads per row: with whole 128-byte lines 8, each moving one vector of every line of the row, so
+  // that a pass covers 16 rows (one page id and one address per row for a page of 16 tokens); else one per
+  // vector.
+  static constexpr int CPR = SWIZZLE ? 8 : VPR;
+  static constexpr int LINES = VPR / CPR;                           // vectors a copying thread moves per row
+  static constexpr int ROW_STEP = THREADS / CPR;                   // rows one pass of the copying threads covers
   static constexpr int CPT = (TILE + ROW_STEP - 1) / ROW_STEP;      // (K, V) rows per copying thread per stage
   static constexpr int KSTEPS = HEAD_DIM / 16;
   static constexpr int NTILES = HEAD_DIM / 8;
@@ -134,11 +139,12 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 
   const int n_tiles = (it.end - it.begin + TILE - 1) / TILE;
   const i64 head_off = (i64)kv_head * head_stride;
-  // The first ROW_STEP * VPR threads copy: rows row0 + k * ROW_STEP, vector `vec`, of every tile, K and V.
+  // The first ROW_STEP * CPR threads copy: rows row0 + k * ROW_STEP, vector `vec` of each 128-byte line (8
+  // vectors apart), of every tile, K and V.
   constexpr int ROW_STEP = S::ROW_STEP;
-  const bool copier = tid < ROW_STEP * S::VPR;
-  const int vec = tid % S::VPR;
-  const int crow0 = tid / S::VPR;
+  const bool copier = tid < ROW_STEP * S::CPR;
+  const int vec = tid % S::CPR;
+  const int crow0 = tid / S::CPR;
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
   // Page ids of this thread's rows for one tile (-1 past the end, and for an id outside the cache: its rows
@@ -162,8 +168,11 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
         const i64 off = ok ? (i64)pages[k] * page_stride +
                                  (i64)((first_token + k * ROW_STEP) % PAGE_SIZE) * token_stride : 0;
         u16* d = tiles + stage * S::STAGE_ELEMS + S::at(crow0 + k * ROW_STEP, vec);
-        cp_async16(d, k_src + off, ok);
-        cp_async16(d + TILE * S::PITCH, v_src + off, ok);
+#pragma unroll
+        for (int b = 0; b < S::LINES; ++b) {  // at(row, vec + 8 b) = at(row, vec) + 64 b: the XOR keeps the line
+          cp_async16(d + 64 * b, k_src + off + 64 * b, ok);
+          cp_async16(d + 64 * b + TILE * S::PITCH, v_src + off + 64 * b, ok);
+        }
       }
     }
   };
