@@ -7,7 +7,7 @@ Stalls per SASS instruction (one shape; -lineinfo from PAGEDINFER_LINEINFO):
         --import-source yes -o $OUT/extend python3 benchmarks/ncu_prefill.py 8x512+4096
     ncu -i $OUT/extend.ncu-rep --page source --csv --print-source sass > $OUT/extend-source.csv
 With --flashinfer the same shapes run through FlashInfer's paged prefill wrapper (backend auto) instead, for the
-same profile of its kernel (`--kernel-name regex:"(?i)prefill"` in a process that runs no kernel of ours)."""
+same profile of its kernel (`--kernel-name regex:"[Pp]refill"`: that process runs no kernel of ours)."""
 import sys
 
 import torch

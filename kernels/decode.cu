@@ -47,9 +47,9 @@ struct Shape {
   static constexpr bool SWIZZLE = HEAD_DIM % 64 == 0;
   static constexpr int PITCH = SWIZZLE ? HEAD_DIM : HEAD_DIM + 8;
   static constexpr int STAGE_ELEMS = 2 * TILE * PITCH;              // K then V
-  // Copying threads per row: with whole 128-byte lines 8, each moving one vector of every line of the row, so
-  // that a pass covers 16 rows (one page id and one address per row for a page of 16 tokens); else one per
-  // vector.
+  // Copying threads per row: for rows of whole 128-byte lines 8, each moving one vector of every line of the
+  // row, so that a pass covers 16 rows (a page of 16 tokens: one page id and one address per row); else one
+  // per vector.
   static constexpr int CPR = SWIZZLE ? 8 : VPR;
   static constexpr int LINES = VPR / CPR;                           // vectors a copying thread moves per row
   static constexpr int ROW_STEP = THREADS / CPR;                   // rows one pass of the copying threads covers
