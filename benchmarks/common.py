@@ -84,6 +84,17 @@ def planned_verify(cls, case: SimpleNamespace):
     return w
 
 
+def flashinfer_prefill(case: SimpleNamespace, backend: str, layout: str = "NHD"):
+    """FlashInfer's paged prefill wrapper (`backend` auto or fa2), planned causal for the case's query tokens on
+    its cache stored `layout`; run it as `w.run(case.q, kv)`."""
+    import flashinfer
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, layout, backend=backend)
+    w.plan(case.qo_indptr.cuda(), case.indptr, case.ids, case.last, *case.heads, bench.PAGE, causal=True,
+           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    return w
+
+
 def planned_prefill(case: SimpleNamespace, custom: bool):
     """A PrefillWrapper, eager, planned causal for the case's query tokens (the last of each request's keys),
     or with the causal pattern given as a packed custom mask."""

@@ -5,20 +5,14 @@ streams, where NHD gives a CTA of one KV head head_dim * 2 bytes of every token 
     python3 benchmarks/layout_check.py [64x4x2048 ...]   # batch x drafts x kv len, for 9/3/64 and 32/8/128"""
 import sys
 
-import torch
-from common import case_inputs, planned_verify, save_and_print
+from common import case_inputs, flashinfer_prefill, planned_verify, save_and_print
 
 from pagedinfer import bench
 from pagedinfer.verify import VerifyWrapper
 
 
 def flashinfer_fa2(case, layout: str):
-    import flashinfer
-    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, layout, backend="fa2")
-    w.plan(case.qo_indptr.cuda(), case.indptr, case.ids, case.last, *case.heads, bench.PAGE, causal=True,
-           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    return w
+    return flashinfer_prefill(case, "fa2", layout)
 
 
 def ours(case, layout: str):

@@ -11,18 +11,7 @@ same profile of its kernel (`--kernel-name regex:"[Pp]refill"`: that process run
 import sys
 
 import torch
-from common import case_inputs, planned_prefill
-
-from pagedinfer import bench
-
-
-def flashinfer_run(case):
-    import flashinfer
-    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="auto")
-    w.plan(case.qo_indptr.cuda(), case.indptr, case.ids, case.last, *case.heads, bench.PAGE, causal=True,
-           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    return lambda: w.run(case.q, case.kv)
+from common import case_inputs, flashinfer_prefill, planned_prefill
 
 
 def main():
@@ -33,11 +22,8 @@ def main():
         batch_new, prefix = shape.split("+")
         batch, new = map(int, batch_new.split("x"))
         case = case_inputs((32, 8, 128), batch, new + int(prefix), new)
-        if theirs:
-            runs.append(flashinfer_run(case))
-        else:
-            wrapper = planned_prefill(case, custom=False)
-            runs.append(lambda w=wrapper, c=case: w.run(c.q, c.kv))
+        wrapper = flashinfer_prefill(case, "auto") if theirs else planned_prefill(case, custom=False)
+        runs.append(lambda w=wrapper, c=case: w.run(c.q, c.kv))
     for _ in range(3):
         for run in runs:
             run()

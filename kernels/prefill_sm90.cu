@@ -287,6 +287,11 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       return w;
     };
     auto producers_sync = []() { asm volatile("bar.sync 3, %0;" :: "n"(COPIERS) : "memory"); };
+    // Query row r of an item (row_block * ROWS + its row: (token, head of the group), token-major) of a
+    // request, for the group of query heads from head0.
+    auto query_row = [&](const Request& request, int head0, int r) {
+      return q + (i64)(request.qo_start + r / GROUP) * q_stride_tok + (i64)(head0 + r % GROUP) * q_stride_head;
+    };
     // Work w's queries to L2 (the taker's warp), while the consumers finish the item before: its Q tile is
     // copied only once their last S of that item is done, and from DRAM the copy's latency showed at the
     // start of every short item.
@@ -296,9 +301,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
       const Request request = requests[item.req];
       const int head0 = w % kv_heads * GROUP;
       for (int j = lane; j < ROWS; j += 32) {
-        const int r = item.row_block * ROWS + j, token = r / GROUP;
-        if (token >= request.qo_len) break;
-        const u16* row = q + (i64)(request.qo_start + token) * q_stride_tok + (i64)(head0 + r % GROUP) * q_stride_head;
+        const int r = item.row_block * ROWS + j;
+        if (r / GROUP >= request.qo_len) break;
+        const u16* row = query_row(request, head0, r);
 #pragma unroll
         for (int b = 0; b < HEAD_DIM / 64; ++b) asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b * 64));
       }
@@ -331,9 +336,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         if (n_tiles > 0) fetch_pages(0, pages);
 #pragma unroll
         for (int j = 0; j < S::CPT; ++j) {
-          const int r = row0 + crow0 + j * S::ROW_STEP, token = r / GROUP;
-          const bool ok = token < rq.qo_len;
-          const u16* src = q + (ok ? (i64)(rq.qo_start + token) * q_stride_tok + (i64)(q_head0 + r % GROUP) * q_stride_head : 0);
+          const int r = row0 + crow0 + j * S::ROW_STEP;
+          const bool ok = r / GROUP < rq.qo_len;
+          const u16* src = ok ? query_row(rq, q_head0, r) : q;
 #pragma unroll
           for (int b = 0; b < S::BLOCKS; ++b)
             cp_async16(q_tile + chunk_off + j * S::ROW_STEP * 128 + b * S::BLOCK_BYTES, src + vec * 8 + b * 64, ok);
