@@ -25,6 +25,7 @@ from pagedinfer.verify import VerifyWrapper
 DECODE = [((32, 8, 128), b, n) for b, n in [(1, 2048), (1, 32768), (4, 8192), (64, 8192), (256, 4096), (128, 16384)]]
 DECODE += [((9, 3, 64), 1, 2048)]
 VERIFY = [((32, 8, 128), b, d, n) for b, d, n in [(64, 4, 2048), (64, 8, 4096), (16, 16, 8192), (1, 8, 32768)]]
+VERIFY += [((9, 3, 64), 64, 4, 2048)]
 
 
 def patched(cls, mult: float, min_chunk: int | None, stages: int | None):

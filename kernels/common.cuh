@@ -114,6 +114,12 @@ __device__ __forceinline__ void cp_async16_page(u32 dst, const void* src, int pa
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
   cp_async16(smem_addr(dst), src, valid);
 }
+// 4-byte global->shared copy (through L1: the only way cp.async moves 4 bytes), zero-filled unless valid.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("{\n.reg .pred ignore;\nsetp.eq.u32 ignore, %2, 0;\n"
+               "cp.async.ca.shared.global [%0], [%1], 4, ignore;\n}"
+               :: "r"(smem_addr(dst)), "l"(src), "r"((u32)valid) : "memory");
+}
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 

@@ -19,6 +19,7 @@
 // every chunk's CTA taking a share of the rows: one CTA alone merging many rows over many chunks is the tail
 // of the launch (Nsight Compute, verify 1 x 8 drafts x 32768: 32 rows x 32 chunks per KV head).
 #include "attention.cuh"
+#include "timeline.cuh"
 
 namespace decode_detail {
 
@@ -71,8 +72,7 @@ __global__ void __launch_bounds__(decode_detail::THREADS)
 decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
        const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
        i64 page_stride, i64 token_stride, i64 head_stride, int num_pages,
-       const int* __restrict__ page_ids, const attention::Item* __restrict__ items,
-       const attention::Request* __restrict__ requests, const int* __restrict__ num_items,
+       const int* __restrict__ page_ids, const attention::Item* __restrict__ items, const int* __restrict__ num_items,
        const unsigned char* __restrict__ mask_bits,  // packed tree or custom masks, per request
        u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
        float* __restrict__ lse,          // [tokens, q heads], natural log; null when not wanted
@@ -87,14 +87,17 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   constexpr int PARTS = WARPS / M_TILES;     // warps on one row tile, each on its own tokens of a stage
   constexpr int SPAN = TILE / PARTS;         // tokens of a stage per warp: M_TILES steps of 16
   constexpr int JOINT = HEAD_DIM > 128 ? 1 : M_TILES;  // steps per softmax update (see the loop)
+  TIMELINE_BEGIN;
   allow_next_kernel();
   wait_for_previous_kernel();
+  TIMELINE_WAITED;
   // CUDA-graph mode launches the largest grid the buffers allow; the item is read beside the count (the
   // buffer holds the whole grid), one load latency less before the page ids.
   const int active = *num_items;
   const Item it = items[blockIdx.y];
   if (blockIdx.y >= active) return;
-  const Request rq = requests[it.req];
+  const Request rq = it.rq;
+  STAMP_AFTER(2, rq.kv_len);
   const int kv_head = blockIdx.x, kv_heads = gridDim.x, q_heads = kv_heads * GROUP;
   const int row0 = it.row_block * ROWS;
   const int q_head0 = kv_head * GROUP;
@@ -148,7 +151,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
   // Page ids of this thread's rows for one tile (-1 past the end, and for an id outside the cache: its rows
-  // read as zeros instead of faulting); see pipeline_start.
+  // read as zeros instead of faulting).
   auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
@@ -177,8 +180,47 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     }
   };
 
-  int pages[S::CPT];
-  pipeline_start<STAGES>(n_tiles, pages, fetch_pages, issue_tile);
+  // Page ids come through shared memory: those of tile t + LOOK are copied (4 bytes each) with the K/V of
+  // tile t + STAGES - 1, so they have as long to arrive as the K/V. Fetched into registers a tile ahead, as
+  // before, they were what the warps waited on at head dim 64 (Nsight Compute), and the ring took decode
+  // 1 x 32768 from 53.4 to 52.4 us and verify 1 x 8 x 32768 from 72.5 to 70.9 (benchmarks/results/
+  // decode-ring-ab.json, ring-where-ab.json).
+  constexpr int LOOK = 2 * STAGES - 2;
+  constexpr int PIDS = (TILE + PAGE_SIZE - 1) / PAGE_SIZE + 1;  // pages a tile of TILE tokens can touch
+  __shared__ int id_ring[STAGES][PIDS];
+  auto copy_ids = [&](int t) {
+    if (tid < PIDS && t < n_tiles) {
+      const int key = it.begin + t * TILE;
+      const unsigned first = (unsigned)key / PAGE_SIZE, last = (unsigned)(min(key + TILE, it.end) - 1) / PAGE_SIZE;
+      const unsigned p = first + tid;
+      cp_async4(&id_ring[t % STAGES][tid], page_ids + it.row_start + min(p, last), p <= last);
+    }
+  };
+  auto ring_pages = [&](int t, int (&pages)[S::CPT]) {
+    const int key = it.begin + t * TILE;
+#pragma unroll
+    for (int k = 0; k < S::CPT; ++k) {
+      const int row = crow0 + k * ROW_STEP;
+      const int token = key + row;
+      const int page = (copier && row < TILE && token < it.end)
+                           ? id_ring[t % STAGES][(unsigned)token / PAGE_SIZE - (unsigned)key / PAGE_SIZE] : -1;
+      pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;
+    }
+  };
+  // The first STAGES - 1 tiles in flight (one commit group each), their page ids read all at once: a short
+  // request's time is mostly such chains of dependent loads.
+  {
+    int first[STAGES - 1][S::CPT];
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < n_tiles) fetch_pages(s, first[s]);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < n_tiles) issue_tile(s, first[s]);
+      copy_ids(s + STAGES - 1);
+      cp_async_commit();
+    }
+  }
 
   float o[S::NTILES][4];
 #pragma unroll
@@ -192,7 +234,16 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    pipeline_next<STAGES>(t, n_tiles, pages, fetch_pages, issue_tile);
+    if (t == 0) STAMP(3);
+    // Once every thread is done with the stage it overwrites: tile t + STAGES - 1's copies, with the page
+    // ids of tile t + LOOK.
+    if (t + STAGES - 1 < n_tiles) {
+      int pages[S::CPT];
+      ring_pages(t + STAGES - 1, pages);
+      issue_tile(t + STAGES - 1, pages);
+    }
+    copy_ids(t + LOOK);
+    cp_async_commit();
 
     // JOINT steps of 16 tokens share one softmax update: the output's rescale (a multiply per accumulator) is
     // paid once per JOINT * 16 keys (measured: verify with 4 row tiles 244 -> 218 us at 16x16x8192). Keys past
@@ -301,6 +352,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   }
   cp_async_wait<0>();
   __syncthreads();
+  STAMP(4);
 
   // Merge the parts (warps on the same rows, different tokens) through shared memory.
 #pragma unroll
@@ -355,9 +407,16 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
       if (dim == 0) partial_lse[at] = lse2;
     }
   }
-  if (whole || merge_apart || !last_chunk(it, counters, kv_head, kv_heads)) return;
+  STAMP(5);
+  if (whole || merge_apart || !last_chunk(it, counters, kv_head, kv_heads)) {
+    STAMPS_OUT(whole);
+    return;
+  }
+  STAMP(6);
+
   merge_chunks<T, ROWS, HEAD_DIM, GROUP>(it, rq, row0, 0, rows_here * HEAD_DIM / 4, kv_head, kv_heads, partial_o,
                                          partial_lse, out, out_stride_tok, out_stride_head, lse);
+  TIMELINE_END(it.row_block == 0 && it.req == 0);
 }
 
 // After decode with merge_apart: CTA (KV head, item) of a split chunk merges its share of its (request, row
@@ -365,17 +424,16 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 // chunks. The grid and work buffers are decode's.
 template <typename T, int ROWS, int HEAD_DIM, int GROUP>
 __global__ void __launch_bounds__(decode_detail::THREADS)
-merge_split(const attention::Item* __restrict__ items, const attention::Request* __restrict__ requests,
-            const int* __restrict__ num_items, const float* __restrict__ partial_o,
-            const float* __restrict__ partial_lse, u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
-            float* __restrict__ lse) {
+merge_split(const attention::Item* __restrict__ items, const int* __restrict__ num_items,
+            const float* __restrict__ partial_o, const float* __restrict__ partial_lse, u16* __restrict__ out,
+            i64 out_stride_tok, i64 out_stride_head, float* __restrict__ lse) {
   using namespace attention;
   allow_next_kernel();
   wait_for_previous_kernel();
   const int active = *num_items;
   const Item it = items[blockIdx.y];
   if (blockIdx.y >= active || it.slot < 0) return;
-  const Request rq = requests[it.req];
+  const Request& rq = it.rq;
   const int row0 = it.row_block * ROWS, rows_here = min(ROWS, rq.qo_len * GROUP - row0);
   const int pairs = rows_here * HEAD_DIM / 4, share = it.slot - it.first_slot;
   const int begin = (int)((i64)share * pairs / it.chunks), end = (int)((i64)(share + 1) * pairs / it.chunks);

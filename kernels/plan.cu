@@ -58,11 +58,11 @@ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace plan_detail
 
-// work: [item count, 7 unused | capacity items | batch requests]; page_ids: the plan's copy of the table.
+// work: [item count, 11 unused | capacity items]; page_ids: the plan's copy of the table.
 __global__ void __launch_bounds__(plan_detail::THREADS)
 plan_uniform(const int* __restrict__ seq_lens, const int* __restrict__ block_table, i64 table_stride, int batch,
              int qo_len, int group, int rows, int page_size, int tile, int min_chunk, int budget, int window_left,
-             int causal, int* __restrict__ work, int requests_at, int* __restrict__ page_ids) {
+             int causal, int* __restrict__ work, int* __restrict__ page_ids) {
   using namespace plan_detail;
   __shared__ i64 scratch[WARPS];
   const int blocks = cdiv(qo_len * group, rows);  // work units per request
@@ -128,7 +128,7 @@ plan_uniform(const int* __restrict__ seq_lens, const int* __restrict__ block_tab
   }
   int item = block_exclusive_scan(my_items, scratch);
   int slot = block_exclusive_scan(my_slots, scratch);
-  attention::Item* items = reinterpret_cast<attention::Item*>(work + 8);
+  attention::Item* items = reinterpret_cast<attention::Item*>(work + sizeof(attention::Item) / 4);
   for (int u = u0; u < u1; ++u) {
     int b, e, chunks, size;
     cut(u, b, e, chunks, size);
@@ -143,15 +143,13 @@ plan_uniform(const int* __restrict__ seq_lens, const int* __restrict__ block_tab
       it.first_slot = chunks > 1 ? slot : -1;
       it.chunks = chunks;
       it.row_block = u % blocks;
+      it.rq = attention::Request{req * qo_len, qo_len, max(seq_lens[req], qo_len), 0};
       items[item] = it;
     }
     slot += chunks > 1 ? chunks : 0;
   }
   if (threadIdx.x == THREADS - 1) work[0] = item;  // the last thread ends after every item
 
-  attention::Request* requests = reinterpret_cast<attention::Request*>(work + requests_at);
-  for (int i = threadIdx.x; i < batch; i += THREADS)
-    requests[i] = attention::Request{i * qo_len, qo_len, max(seq_lens[i], qo_len), 0};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = warp; i < batch; i += WARPS) {
     const int pages = cdiv(max(seq_lens[i], qo_len), page_size);

@@ -171,7 +171,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
                     i64 page_stride, i64 token_stride, i64 head_stride,
                     int num_pages,  // unused here: decode.cu's bound on page ids (run() passes one argument list)
                     const int* __restrict__ page_ids, const attention::Item* __restrict__ items,
-                    const attention::Request* __restrict__ requests, const int* __restrict__ num_items,
+                    const int* __restrict__ num_items,
                     const unsigned char* __restrict__ mask_bits,
                     u16* __restrict__ out, i64 out_stride_tok, i64 out_stride_head,
                     float* __restrict__ lse, float* __restrict__ partial_o, float* __restrict__ partial_lse,
@@ -199,9 +199,9 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   Request rq;
   int kv_head, q_head0, row0, prefix, n_tiles;
   u32 g0 = 0;
-  auto take = [&](const Item& item, const Request& request, int head) {
+  auto take = [&](const Item& item, int head) {
     it = item;
-    rq = request;
+    rq = item.rq;
     kv_head = head;
     q_head0 = head * GROUP;
     row0 = it.row_block * ROWS;
@@ -258,7 +258,6 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   // The CTA's work k at [k % 2] for the consumers (req -1: none is left), written before q_full's phase k
   // completes; work_at: its queue position, for the producer's threads.
   __shared__ Item item_at[2];
-  __shared__ Request request_at[2];
   __shared__ int head_at[2], work_at[2];
   const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES, q_full = empty0 + 8 * STAGES, q_free = q_full + 8;
   if (tid == 0) {
@@ -298,12 +297,11 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
     auto prefetch_queries = [&](int w) {
       if (w >= works) return;
       const Item item = items[w / kv_heads];
-      const Request request = requests[item.req];
       const int head0 = w % kv_heads * GROUP;
       for (int j = lane; j < ROWS; j += 32) {
         const int r = item.row_block * ROWS + j;
-        if (r / GROUP >= request.qo_len) break;
-        const u16* row = query_row(request, head0, r);
+        if (r / GROUP >= item.rq.qo_len) break;
+        const u16* row = query_row(item.rq, head0, r);
 #pragma unroll
         for (int b = 0; b < HEAD_DIM / 64; ++b) asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b * 64));
       }
@@ -320,13 +318,11 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         if (taker) item_at[k % 2].req = -1;
       } else {
         const Item item = items[w / kv_heads];
-        const Request request = requests[item.req];
         if (taker) {
           item_at[k % 2] = item;
-          request_at[k % 2] = request;
           head_at[k % 2] = w % kv_heads;
         }
-        take(item, request, w % kv_heads);
+        take(item, w % kv_heads);
         const i64 head_off = (i64)kv_head * head_stride + vec * 8;
         k_head = reinterpret_cast<const char*>(k_cache + head_off);
         v_head = reinterpret_cast<const char*>(v_cache + head_off);
@@ -345,7 +341,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
         }
       }
       mbar_arrive_copies(q_full);
-      if (taker) mbar_arrive(q_full);  // releases its stores to item_at, request_at and head_at
+      if (taker) mbar_arrive(q_full);  // releases its stores to item_at and head_at
       if (done) break;
       const int next = taker ? take_work() : 0;  // its latency passes in the tiles' copies
       for (int t = 0; t < n_tiles; ++t) {
@@ -559,7 +555,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
   for (int k = 0;; ++k) {
     mbar_wait(q_full, k & 1);  // (arrive's proxy fence covers the Q tile too)
     if (item_at[k % 2].req < 0) break;
-    take(item_at[k % 2], request_at[k % 2], head_at[k % 2]);
+    take(item_at[k % 2], head_at[k % 2]);
     take_rows();
 #pragma unroll
     for (int b = 0; b < S::BLOCKS; ++b)

@@ -210,8 +210,8 @@ class DecodeWrapper:
             page_ids = self._plan_on_device(table, int(qo_lens[0]), group, spec, target // num_kv_heads, window,
                                             mask)
         else:
-            work, requests = self._work_list(qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads,
-                                             target, window, mask, mask_offsets, mask_spans)
+            work = self._work_list(qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads, target,
+                                   window, mask, mask_offsets, mask_spans)
             split = work.num_slots > 0
             page_ids_dev, host_ids = self._page_ids_source(table)
             mask_bytes = 0 if mask_bits is None else mask_bits.numel()
@@ -220,10 +220,10 @@ class DecodeWrapper:
             else:
                 capacity = work.num_items
                 self._check_capacity(capacity, spec.rows)
-                self._ensure_buffers(dict(items=capacity, slots=max(work.num_slots, 1), requests=batch,
+                self._ensure_buffers(dict(items=capacity, slots=max(work.num_slots, 1),
                                           ids=0 if host_ids is None else host_ids.numel(), mask=mask_bytes + 32),
                                      shape)
-            page_ids = self._upload(work, requests, host_ids, page_ids_dev)
+            page_ids = self._upload(work, host_ids, page_ids_dev)
             if mask_bits is not None:
                 self._buffers["mask"][:mask_bytes].copy_(mask_bits, non_blocking=True)
 
@@ -231,7 +231,7 @@ class DecodeWrapper:
         merger = merger if split else None
         b = self._buffers
         qk_scale = scale / cap if cap > 0 else scale * LOG2E
-        ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"][self._requests_at():], b["work"], b["mask"])
+        ptrs = (page_ids, b["work"][planning.ITEM_INTS:], b["work"], b["mask"])
         self._plan = dict(
             kernel=kernel, tokens=int(qo_lens.sum()), q_heads=num_qo_heads, kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=q_dtype, page_size=table.page_size,
@@ -245,9 +245,9 @@ class DecodeWrapper:
             keep_alive=page_ids)  # the kernel reads these page ids by address
 
     def _work_list(self, qo_starts, qo_lens, lens, row_starts, group, spec, num_kv_heads, target, window, mask,
-                   mask_offsets, mask_spans) -> tuple[planning.WorkList, np.ndarray]:
+                   mask_offsets, mask_spans) -> planning.WorkList:
         """Work units (request, block of `spec.rows` query rows), each over the keys its rows can see, cut
-        into items by split_kv; and the per-request table."""
+        into items by split_kv, each with its request's numbers."""
         batch, block = qo_lens.shape[0], spec.rows
         prefix = lens - qo_lens
         blocks = -(-qo_lens * group // block)
@@ -266,11 +266,12 @@ class DecodeWrapper:
                                  target_ctas=target, min_chunk=spec.min_chunk)
         work.items[:, 7] = unit_block[work.items[:, 0]]
         work.items[:, 0] = unit_req[work.items[:, 0]]
+        requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
+                             else mask_offsets], axis=1)
+        work.items[:, 8:12] = requests[work.items[:, 0]]
         if self.LONGEST_FIRST:  # prefill's uneven causal units
             work = planning.WorkList(planning.longest_first_by_request(work.items, spec.tile), work.num_slots)
-        requests = np.stack([qo_starts, qo_lens, lens, np.zeros(batch, np.int64) if mask_offsets is None
-                             else mask_offsets], axis=1).astype(np.int32)
-        return work, requests
+        return work
 
     @staticmethod
     def _custom_bounds(begins, ends, mask_spans, qo_lens, unit_req, first_tok, last_tok):
@@ -294,7 +295,7 @@ class DecodeWrapper:
         units = self.max_batch_size * -(-self.max_qo_len * group // spec.rows)
         capacity = planning.max_items(units, num_kv_heads, target)
         self._check_capacity(capacity, spec.rows)
-        need = dict(items=capacity, slots=capacity, requests=self.max_batch_size, ids=self.max_pages,
+        need = dict(items=capacity, slots=capacity, ids=self.max_pages,
                     mask=self.max_batch_size * -(-self.max_qo_len ** 2 // 8) + 32)  # byte-aligned segments
         if mask_bytes + 32 > need["mask"]:  # 32 bytes of padding: kernels read masks in whole words
             fail("tree_mask", f"at most {need['mask'] - 32} bytes (max_batch_size x max_qo_len^2 bits)", mask_bytes)
@@ -316,7 +317,7 @@ class DecodeWrapper:
 
     def _plan_on_device(self, table: BlockTable, qo_len: int, group: int, spec: KernelSpec, budget: int,
                         window: int, mask: int) -> torch.Tensor:
-        """Launches plan.cu's plan_uniform: items, requests and the used page ids into the fixed buffers."""
+        """Launches plan.cu's plan_uniform: items and the used page ids into the fixed buffers."""
         bt = table.block_table
         if table.batch_size * bt.stride(0) > self.max_pages:
             fail("table", f"at most max_pages={self.max_pages} page ids", table.batch_size * bt.stride(0))
@@ -325,7 +326,7 @@ class DecodeWrapper:
         planning.plan_on_device(self.device, table.seq_lens, bt, qo_len=qo_len, group=group, rows=spec.rows,
                                 page_size=table.page_size, tile=spec.tile, min_chunk=spec.min_chunk,
                                 budget=budget, window_left=window, causal=mask == CAUSAL, work=b["work"],
-                                requests_at=self._requests_at(), page_ids=page_ids)
+                                page_ids=page_ids)
         return page_ids
 
     def _config(self, q_dtype, kv_dtype, head_dim, num_qo_heads, num_kv_heads, page_size, sm_scale, logits_soft_cap,
@@ -402,7 +403,7 @@ class DecodeWrapper:
                 need = {k: max(v, b["need"][k]) for k, v in need.items()}
         q_heads, kv_heads, head_dim, block = shape
         self._buffers = planning.carve_buffers([
-            ("work", planning.ITEM_INTS * (1 + need["items"]) + 4 * need["requests"] + need["ids"], torch.int32),
+            ("work", planning.ITEM_INTS * (1 + need["items"]) + need["ids"], torch.int32),
             ("partial_o", need["slots"] * kv_heads * block * head_dim, torch.float32),
             ("partial_lse", need["slots"] * kv_heads * block, torch.float32),
             # per split slot and KV head, and one more: the Hopper prefill kernel's work queue
@@ -411,27 +412,24 @@ class DecodeWrapper:
         self._buffers["counters"].zero_()  # the kernel leaves them at zero after every launch
         self._buffers.update(need=need, shape=shape)
 
-    def _requests_at(self) -> int:
+    def _ids_at(self) -> int:
+        """Where the page ids a plan uploads or copies start in the work buffer, after the items."""
         return planning.ITEM_INTS * (1 + self._buffers["need"]["items"])
 
-    def _ids_at(self) -> int:
-        """Where the page ids a plan uploads or copies start in the work buffer, after the requests."""
-        return self._requests_at() + 4 * self._buffers["need"]["requests"]
-
-    def _upload(self, work: planning.WorkList, requests: np.ndarray, host_ids, page_ids_dev):
-        """One copy: [item count | items | requests | host page ids] -> the device work buffer. Returns the
-        page ids the kernel reads."""
+    def _upload(self, work: planning.WorkList, host_ids, page_ids_dev):
+        """One copy: [item count | items | host page ids] -> the device work buffer. Returns the page ids the
+        kernel reads."""
         b = self._buffers
-        req_at, ids_at = self._requests_at(), self._ids_at()
+        ids_at = self._ids_at()
         for ids in (host_ids, page_ids_dev):
             if ids is not None and self.use_cuda_graph and ids.numel() > self.max_pages:
                 fail("table", f"at most max_pages={self.max_pages} page ids", ids.numel())
-        end = ids_at + host_ids.numel() if host_ids is not None else req_at + requests.size
+        items_end = planning.ITEM_INTS * (1 + work.num_items)
+        end = ids_at + host_ids.numel() if host_ids is not None else items_end
         host = self._staging.take(end)
         view = host.numpy()  # the pinned buffer's memory: numpy slice stores cost less than torch's
         view[0] = work.num_items
-        view[planning.ITEM_INTS:planning.ITEM_INTS * (1 + work.num_items)] = work.items.reshape(-1)
-        view[req_at:req_at + requests.size] = requests.reshape(-1)
+        view[planning.ITEM_INTS:items_end] = work.items.reshape(-1)
         if host_ids is not None:
             host[ids_at:end] = host_ids
         b["work"][:end].copy_(host, non_blocking=True)
@@ -469,9 +467,9 @@ class DecodeWrapper:
         p["kernel"].launch_prepared(p["grid"], p["threads"], (
             np.uint64(q.data_ptr()), np.int64(q.stride(0)), np.int64(q.stride(1)), *cache_args, *p["work_args"],
             *out_args, *p["tail_args"]), p["smem"])
-        if p["merger"] is not None:  # items, requests, item count; partial outputs and LSEs
+        if p["merger"] is not None:  # items, item count; partial outputs and LSEs
             p["merger"].launch_prepared(p["grid"], p["threads"], (
-                *p["work_args"][1:4], *p["tail_args"][:2], *out_args))
+                *p["work_args"][1:3], *p["tail_args"][:2], *out_args))
         return (out, lse) if return_lse else out
 
 

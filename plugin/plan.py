@@ -1,10 +1,12 @@
 """Scheduling shared by the attention ops: split-KV work lists (on the host, or on the device for CUDA-graph
 steps of uniform batches), pinned staging, fixed buffers.
 
-A work item (8 int32, the layout of `Item` in kernels/decode.cu) is one key range of one work unit:
-  unit, row_start (offset of its page ids), begin, end, slot, first_slot, chunks, (row block)
+A work item (12 int32, the layout of `Item` in kernels/attention.cuh) is one key range of one work unit:
+  unit, row_start (offset of its page ids), begin, end, slot, first_slot, chunks, (row block),
+  (the request's qo_start, qo_len, kv_len, mask offset)
 `slot` is where a chunk of a split unit leaves its partial (output, LSE); -1 when the item is the whole
-range and writes the output itself. The caller maps units to (request, row block).
+range and writes the output itself. The caller maps units to (request, row block) and fills in the
+request's numbers.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ITEM_INTS = 8
+ITEM_INTS = 12  # kernels/attention.cuh Item
 PLAN_THREADS = 1024  # kernels/plan.cu
 SPECIALIZATIONS = [("plan.cu", "plan_uniform")]
 
@@ -99,16 +101,16 @@ def longest_first_by_request(items: np.ndarray, tile: int) -> np.ndarray:
 
 def plan_on_device(device, seq_lens: torch.Tensor, block_table: torch.Tensor, *, qo_len: int, group: int, rows: int,
                    page_size: int, tile: int, min_chunk: int, budget: int, window_left: int, causal: bool,
-                   work: torch.Tensor, requests_at: int, page_ids: torch.Tensor) -> None:
-    """kernels/plan.cu: split_kv's items for a batch of `qo_len` query tokens per request, the per-request
-    table (at int `requests_at` of `work`) and the used page ids, from the lengths on the device. `budget`:
+                   work: torch.Tensor, page_ids: torch.Tensor) -> None:
+    """kernels/plan.cu: split_kv's items (each with its request's numbers) for a batch of `qo_len` query
+    tokens per request, and the used page ids, from the lengths on the device. `budget`:
     work items that fit one wave (target CTAs / kv heads). int32 lengths and block table."""
     from .kernels import get_kernel
     kernel = get_kernel("plan.cu", "plan_uniform", device_index=device.index)
     kernel.launch((1,), (PLAN_THREADS,), (
         seq_lens, block_table, np.int64(block_table.stride(0)), np.int32(block_table.shape[0]), np.int32(qo_len),
         np.int32(group), np.int32(rows), np.int32(page_size), np.int32(tile), np.int32(min_chunk),
-        np.int32(budget), np.int32(window_left), np.int32(causal), work, np.int32(requests_at), page_ids))
+        np.int32(budget), np.int32(window_left), np.int32(causal), work, page_ids))
 
 
 class HostStaging:

@@ -29,3 +29,12 @@ def targets():
 def test_compiles(source, expression, arch):
     cubin = kernels.compile_cubin(source, expression, arch)
     assert cubin.image[:4] == b"\x7fELF" and cubin.lowered_name
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_decode_compiles_with_its_timeline(arch):
+    """benchmarks/timeline.py's build of the decode kernels (kernels/timeline.cuh's stamps compiled in)."""
+    from pagedinfer.decode import SPECIALIZATIONS
+    for source, expression in SPECIALIZATIONS[:2]:
+        cubin = kernels.compile_cubin(source, expression, arch, defines={"PAGEDINFER_TIMELINE": 1})
+        assert b"timeline" in cubin.image

@@ -28,7 +28,7 @@ def test_items_tile_each_request_exactly(seed):
         assert ranges[0][0] == begins[b] and ranges[-1][1] == ends[b]
         assert all(e1 == b2 for (_, e1), (b2, _) in zip(ranges, ranges[1:]))
         assert all((e - s) % tile == 0 for s, e in ranges[:-1])
-    for req, row_start, _, _, slot, first, chunks, _ in work.items:
+    for req, row_start, _, _, slot, first, chunks, *_ in work.items:
         assert row_start == starts[req]
         assert (slot == -1) == (chunks == 1)
     slots = sorted(work.items[work.items[:, 4] >= 0, 4])
@@ -112,20 +112,20 @@ def test_chunk_is_the_shortest_that_fits_the_wave(seed):
 
 
 def _plan_contents(wrapper, batch, lens, page_size, width):
-    """(item count, items, requests, the used page ids of each request) from a wrapper's device buffers."""
+    """(item count, items, the used page ids of each request) from a wrapper's device buffers."""
     work = wrapper._buffers["work"].cpu()
-    n = int(work[0])
-    req_at, ids_at = wrapper._requests_at(), wrapper._ids_at()
+    n, ids_at = int(work[0]), wrapper._ids_at()
     used = [work[ids_at + i * width: ids_at + i * width + -(-int(lens[i]) // page_size)].tolist()
             for i in range(batch)]
-    return n, work[8:8 + 8 * n].view(n, 8), work[req_at:req_at + 4 * batch].view(batch, 4), used
+    return n, work[plan.ITEM_INTS:plan.ITEM_INTS * (1 + n)].view(n, plan.ITEM_INTS), used
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(60))
 def test_device_plan_equals_host_plan(seed):
-    """CUDA-graph plans of uniform batches run on the GPU (kernels/plan.cu): the same items, requests and page
-    ids as the host plan of the same lengths (strided lengths keep a wrapper on the host path)."""
+    """CUDA-graph plans of uniform batches run on the GPU (kernels/plan.cu): the same items (their requests'
+    numbers included) and page ids as the host plan of the same lengths (strided lengths keep a wrapper on
+    the host path)."""
     from pagedinfer.decode import DecodeWrapper
     from pagedinfer.paged import block_page_table
     from pagedinfer.verify import VerifyWrapper
@@ -156,6 +156,6 @@ def test_device_plan_equals_host_plan(seed):
         wrapper._buffers["work"].fill_(-7)  # a second plan into poisoned buffers writes all it needs
         plan_once()
         contents.append(_plan_contents(wrapper, batch, lens, page_size, width))
-    (n, items, requests, used), (n_host, items_host, requests_host, used_host) = contents
-    assert n == n_host and torch.equal(items, items_host) and torch.equal(requests, requests_host)
+    (n, items, used), (n_host, items_host, used_host) = contents
+    assert n == n_host and torch.equal(items, items_host)
     assert used == used_host == [ids[i, :len(u)].tolist() for i, u in enumerate(used)]
