@@ -150,14 +150,14 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const int crow0 = tid / S::CPR;
   const u16* k_src = k_cache + head_off + vec * 8;
   const u16* v_src = v_cache + head_off + vec * 8;
-  // Page ids of this thread's rows for one tile (-1 past the end, and for an id outside the cache: its rows
-  // read as zeros instead of faulting).
-  auto fetch_pages = [&](int t, int (&pages)[S::CPT]) {
+  // Page ids of this thread's rows for tile t, each looked up by `id_of(token)` (-1 past the end, and for an id
+  // outside the cache: its rows read as zeros instead of faulting).
+  auto tile_pages = [&](int t, int (&pages)[S::CPT], auto id_of) {
 #pragma unroll
     for (int k = 0; k < S::CPT; ++k) {
       const int row = crow0 + k * ROW_STEP;
       const int token = it.begin + t * TILE + row;
-      const int page = (copier && row < TILE && token < it.end) ? page_ids[it.row_start + token / PAGE_SIZE] : -1;
+      const int page = (copier && row < TILE && token < it.end) ? id_of(token) : -1;
       pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;
     }
   };
@@ -197,15 +197,8 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     }
   };
   auto ring_pages = [&](int t, int (&pages)[S::CPT]) {
-    const int key = it.begin + t * TILE;
-#pragma unroll
-    for (int k = 0; k < S::CPT; ++k) {
-      const int row = crow0 + k * ROW_STEP;
-      const int token = key + row;
-      const int page = (copier && row < TILE && token < it.end)
-                           ? id_ring[t % STAGES][(unsigned)token / PAGE_SIZE - (unsigned)key / PAGE_SIZE] : -1;
-      pages[k] = (unsigned)page < (unsigned)num_pages ? page : -1;
-    }
+    const unsigned first = (unsigned)(it.begin + t * TILE) / PAGE_SIZE;
+    tile_pages(t, pages, [&](int token) { return id_ring[t % STAGES][(unsigned)token / PAGE_SIZE - first]; });
   };
   // The first STAGES - 1 tiles in flight (one commit group each), their page ids read all at once: a short
   // request's time is mostly such chains of dependent loads.
@@ -213,7 +206,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     int first[STAGES - 1][S::CPT];
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      if (s < n_tiles) fetch_pages(s, first[s]);
+      if (s < n_tiles) tile_pages(s, first[s], [&](int token) { return page_ids[it.row_start + token / PAGE_SIZE]; });
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < n_tiles) issue_tile(s, first[s]);
