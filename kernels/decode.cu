@@ -180,11 +180,11 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     }
   };
 
-  // Page ids come through shared memory: those of tile t + LOOK are copied (4 bytes each) with the K/V of
-  // tile t + STAGES - 1, so they have as long to arrive as the K/V. Fetched into registers a tile ahead, as
-  // before, they were what the warps waited on at head dim 64 (Nsight Compute), and the ring took decode
-  // 1 x 32768 from 53.4 to 52.4 us and verify 1 x 8 x 32768 from 72.5 to 70.9 (benchmarks/results/
-  // decode-ring-ab.json, ring-where-ab.json).
+  // After the first tiles, page ids come through shared memory: those of tile t + LOOK are copied (4 bytes
+  // each) with the K/V of tile t + STAGES - 1, so they have as long to arrive as the K/V. Fetched into
+  // registers a tile ahead instead, they were the warps' top stall at head dim 64 (Nsight Compute); the ring
+  // took decode 1 x 32768 from 53.4 to 52.4 us and verify 1 x 8 x 32768 from 72.5 to 70.9
+  // (benchmarks/results/decode-ring-ab.json; where to use it: ring-where-ab.json).
   constexpr int LOOK = 2 * STAGES - 2;
   constexpr int PIDS = (TILE + PAGE_SIZE - 1) / PAGE_SIZE + 1;  // pages a tile of TILE tokens can touch
   __shared__ int id_ring[STAGES][PIDS];
