@@ -73,8 +73,8 @@ __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv
 // Merges dims 4 * d4 .. + 3 of row `row` of a (request, row block) (pair = row * HEAD_DIM / 4 + d4) over all
 // its chunks' partial (output, base-2 LSE) into out and lse. `lanes` consecutive threads (a power of two up to
 // 32) share the chunks, each taking every lanes-th, 16 at a time: a block's loads are issued together
-// (predicated past the last chunk, so no remainder runs them one by one), then folded into an online
-// log-sum-exp; the lanes then combine theirs through shuffles. Every lane of the warp calls it (the
+// (past the last chunk they reread it at weight 0, so no remainder runs them one by one), then folded into an
+// online log-sum-exp; the lanes then combine theirs through shuffles. Every lane of the warp calls it (the
 // shuffles); `real` is false where a lane group has no pair.
 template <typename T, int ROWS, int HEAD_DIM, int GROUP>
 __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, int row0, int pair, bool real,
