@@ -3,13 +3,14 @@ compiles every kernel with those defines (-DD1=1 -DD2=v); a define written @VAR:
 variable VAR=v for that variant's plans instead (e.g. @PAGEDINFER_MERGE_APART:0). It times the small decode
 batches under CUDA-graph replay (20 calls), verify and prefill (causal, and the causal pattern as a custom
 mask) eagerly, on the same inputs as the baseline (no defines). Every variant must give outputs within bf16
-tolerance of the baseline. Prints one table; writes ab.json to $OUT.
-    python3 benchmarks/ab.py [--ops=decode,verify,prefill] fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
+tolerance of the baseline. `--fa2` adds FlashInfer's fa2 prefill wrapper to the verify rows, as a last column.
+Prints one table; writes ab.json to $OUT.
+    python3 benchmarks/ab.py [--ops=decode,verify,prefill] [--fa2] fence_once=PAGEDINFER_FENCE_ONCE [more variants]"""
 import os
 import sys
 
 import torch
-from common import case_inputs, planned_decode, planned_prefill, planned_verify, save_and_print
+from common import case_inputs, flashinfer_prefill, planned_decode, planned_prefill, planned_verify, save_and_print
 
 from pagedinfer import bench, kernels
 from pagedinfer.decode import DecodeWrapper
@@ -71,7 +72,8 @@ def timed(variants, case, make, time_it) -> dict:
 def main():
     args = sys.argv[1:]
     ops = args.pop(0)[len("--ops="):].split(",") if args and args[0].startswith("--ops=") else OPS
-    variants = [("baseline", {})] + [parse(a) for a in args]
+    fa2 = bool(args) and args[0] == "--fa2"
+    variants = [("baseline", {})] + [parse(a) for a in (args[1:] if fa2 else args)]
     rows = []
     for heads, batch, kv_len in DECODE if "decode" in ops else []:
         case = case_inputs(heads, batch, kv_len)
@@ -83,6 +85,9 @@ def main():
     for heads, batch, drafts, kv_len in VERIFY if "verify" in ops else []:
         case = case_inputs(heads, batch, kv_len, drafts)
         t = timed(variants, case, lambda c: planned_verify(VerifyWrapper, c), eager_us)
+        if fa2:
+            anchor = flashinfer_prefill(case, "fa2")
+            t["fa2"] = bench.median_us(lambda: anchor.run(case.q, case.kv))
         rows.append((f"verify eager {'/'.join(map(str, heads))} {batch}x{drafts}x{kv_len}", t))
         del case
         torch.cuda.empty_cache()
@@ -94,7 +99,7 @@ def main():
                          f"{batch}x{qo_len}+{kv_len - qo_len}", t))
         del case
         torch.cuda.empty_cache()
-    save_and_print("ab", rows, [n for n, _ in variants], variants=variants)
+    save_and_print("ab", rows, [n for n, _ in variants] + (["fa2"] if fa2 else []), variants=variants)
 
 
 if __name__ == "__main__":

@@ -372,31 +372,46 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 
   const bool whole = it.slot < 0;
   const int rows_here = min(ROWS, rq.qo_len * GROUP - row0);
-  for (int idx = tid; idx < rows_here * HEAD_DIM / 2; idx += THREADS) {
-    const int row = idx / (HEAD_DIM / 2), dim = 2 * (idx % (HEAD_DIM / 2));
+  // Eight dims per thread and pass, so that every store moves 16 bytes: at the end of a launch the stores
+  // queue behind the other CTAs' copies, and 8-byte ones took verify 1 x 8 x 32768's last CTAs 3.5 us to write
+  // 32 rows (benchmarks/results/epilogue-stores-ab.json).
+  constexpr int DV = 8;
+  for (int idx = tid; idx < rows_here * HEAD_DIM / DV; idx += THREADS) {
+    const int row = idx / (HEAD_DIM / DV), dim = DV * (idx % (HEAD_DIM / DV));
     float mx = NEG_INF;
 #pragma unroll
     for (int p = 0; p < PARTS; ++p) mx = fmaxf(mx, sm_ml[(p * ROWS + row) * 2]);
-    float den = 0.f, x = 0.f, y = 0.f;
+    float den = 0.f, acc[DV];
+#pragma unroll
+    for (int d = 0; d < DV; ++d) acc[d] = 0.f;
     const float base = mx == NEG_INF ? 0.f : mx;  // a row that sees no key at all (an empty tree row)
 #pragma unroll
     for (int p = 0; p < PARTS; ++p) {
       const float wt = fast_exp2(sm_ml[(p * ROWS + row) * 2] - base);  // 0 for a part that saw no key
-      const float2 v = *reinterpret_cast<const float2*>(sm_o + (p * ROWS + row) * HEAD_DIM + dim);
+      const float* v = sm_o + (p * ROWS + row) * HEAD_DIM + dim;
       den += wt * sm_ml[(p * ROWS + row) * 2 + 1];
-      x += wt * v.x;
-      y += wt * v.y;
+#pragma unroll
+      for (int d = 0; d < DV; d += 2) {
+        const float2 x = *reinterpret_cast<const float2*>(v + d);
+        acc[d] += wt * x.x;
+        acc[d + 1] += wt * x.y;
+      }
     }
     // Such a row gets output 0 and LSE -inf, like the reference.
     const float inv = den > 0.f ? 1.f / den : 0.f, lse2 = den > 0.f ? mx + __log2f(den) : NEG_INF;
+#pragma unroll
+    for (int d = 0; d < DV; ++d) acc[d] *= inv;
     const int r = row0 + row, token = rq.qo_start + r / GROUP, qh = q_head0 + r % GROUP;
     if (whole) {
-      *reinterpret_cast<u32*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + dim) =
-          Half<T>::pack2(x * inv, y * inv);
+      *reinterpret_cast<uint4*>(out + (i64)token * out_stride_tok + (i64)qh * out_stride_head + dim) =
+          make_uint4(Half<T>::pack2(acc[0], acc[1]), Half<T>::pack2(acc[2], acc[3]),
+                     Half<T>::pack2(acc[4], acc[5]), Half<T>::pack2(acc[6], acc[7]));
       if (lse != nullptr && dim == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
     } else {
       const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
-      *reinterpret_cast<float2*>(partial_o + at * HEAD_DIM + dim) = make_float2(x * inv, y * inv);
+      float4* dst = reinterpret_cast<float4*>(partial_o + at * HEAD_DIM + dim);
+      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
       if (dim == 0) partial_lse[at] = lse2;
     }
   }
