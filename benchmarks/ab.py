@@ -72,8 +72,8 @@ def timed(variants, case, make, time_it) -> dict:
 def main():
     args = sys.argv[1:]
     ops = args.pop(0)[len("--ops="):].split(",") if args and args[0].startswith("--ops=") else OPS
-    fa2 = bool(args) and args[0] == "--fa2"
-    variants = [("baseline", {})] + [parse(a) for a in (args[1:] if fa2 else args)]
+    fa2 = "--fa2" in args
+    variants = [("baseline", {})] + [parse(a) for a in args if a != "--fa2"]
     rows = []
     for heads, batch, kv_len in DECODE if "decode" in ops else []:
         case = case_inputs(heads, batch, kv_len)

@@ -373,8 +373,8 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
   const bool whole = it.slot < 0;
   const int rows_here = min(ROWS, rq.qo_len * GROUP - row0);
   // Eight dims per thread and pass, so that every store moves 16 bytes: at the end of a launch the stores
-  // queue behind the other CTAs' copies, and 8-byte ones took verify 1 x 8 x 32768's last CTAs 3.5 us to write
-  // 32 rows (benchmarks/results/epilogue-stores-ab.json).
+  // queue behind the other CTAs' copies, and 8-byte ones took verify 1 x 8 x 32768's last CTA 3.5 us to write
+  // 32 rows (benchmarks/results/timeline-before-epilogue.json; the A/B: epilogue-stores-ab.json).
   constexpr int DV = 8;
   for (int idx = tid; idx < rows_here * HEAD_DIM / DV; idx += THREADS) {
     const int row = idx / (HEAD_DIM / DV), dim = DV * (idx % (HEAD_DIM / DV));
