@@ -1,8 +1,9 @@
 """Where a decode or verify launch spends its time: every kernel compiled with PAGEDINFER_TIMELINE (thread 0 of
 each working CTA of decode.cu stamps %globaltimer: entry, after the wait for the kernel before, item loaded,
-first tile in shared memory, last tile done, result or partial stored, merge won, merged) plus any
-defines named as NAME=D1,D2 (ab.py's form). For each case it prints each stamp's min / median / max over the
-working CTAs, in us:
+first tile in shared memory, last tile done, result or partial stored, merge won, merged; and its
+multiprocessor) plus any defines named as NAME=D1,D2 (ab.py's form). For each case it prints each stamp's min /
+median / max over the working CTAs, in us, and how many CTAs shared a multiprocessor with another working CTA
+(with their median 'loop done' against the others'):
 - decode under CUDA-graph replay (20 calls), for the last call, from the end of the call before (its last
   stamp): the kernel-to-kernel gap is in the first rows;
 - verify eagerly, once after an L2 flush (as bench.median_us times it), from the launch's first entry stamp.
@@ -23,16 +24,17 @@ from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 4, 8192), ((9, 3, 64), 1, 2048)]
 VERIFY = [((9, 3, 64), 64, 4, 2048), ((32, 8, 128), 1, 8, 32768)]
-TABLE_BYTES = 2 * 65536 * 8 * 8
 STAMPS = ["entry", "waited", "item", "first tile", "loop done", "stored", "merge won", "merged"]
+COLUMNS = len(STAMPS) + 1  # then the multiprocessor + 1 (kernels/timeline.cuh)
+TABLE_BYTES = 2 * 65536 * COLUMNS * 8
 
 
 def read_timeline(wrapper):
-    """(stamps of the last launch, of the one before): [working CTAs, 8] ns, 0 where a CTA did not stamp. The
+    """(stamps of the last launch, of the one before): [working CTAs, COLUMNS], ns, 0 where a CTA did not stamp. The
     kernel alternates two tables (a launch's merge of request 0 flips them); the later one is the last."""
-    tables = np.frombuffer(_copy(_timeline(wrapper), TABLE_BYTES), np.uint64).reshape(2, 65536, 8).astype(np.int64)
-    tables = [t[t[:, 0] > 0] for t in tables]
-    return sorted(tables, key=lambda t: t.max() if t.size else 0, reverse=True)
+    raw = np.frombuffer(_copy(_timeline(wrapper), TABLE_BYTES), np.uint64)
+    tables = [t[t[:, 0] > 0] for t in raw.reshape(2, 65536, COLUMNS).astype(np.int64)]
+    return sorted(tables, key=lambda t: t[:, :len(STAMPS)].max() if t.size else 0, reverse=True)
 
 
 def _timeline(wrapper):
@@ -58,13 +60,25 @@ def summary(rows: np.ndarray, origin: int) -> dict:
         if col.size:
             us = (col - origin) / 1e3
             out[name] = (float(us.min()), float(np.median(us)), float(us.max()), int(col.size))
+    sm = rows[:, len(STAMPS)]
+    sms, ctas = np.unique(sm, return_counts=True)
+    shared = np.isin(sm, sms[ctas > 1])
+    done = (rows[:, STAMPS.index("loop done")] - origin) / 1e3
+    out["sharing an SM"] = (int(shared.sum()), float(np.median(done[shared])) if shared.any() else None,
+                            float(np.median(done[~shared])) if (~shared).any() else None)
     return out
 
 
 def show(label: str, per_call_us: float, stamps: dict) -> None:
     print(f"{label}: {per_call_us:.2f} us per call")
-    for name, (lo, mid, hi, n) in stamps.items():
-        print(f"  {name:14s} {lo:8.2f} {mid:8.2f} {hi:8.2f}   ({n} CTAs)")
+    for name in STAMPS:
+        if name in stamps:
+            lo, mid, hi, n = stamps[name]
+            print(f"  {name:14s} {lo:8.2f} {mid:8.2f} {hi:8.2f}   ({n} CTAs)")
+    n, together, alone = stamps["sharing an SM"]
+    if n:
+        print(f"  {n} CTAs shared an SM with another working CTA: median 'loop done' {together:.2f} us"
+              + (f" (the others {alone:.2f})" if alone is not None else ""))
 
 
 def main():
@@ -80,7 +94,7 @@ def main():
         out = torch.empty_like(case.q)
         per_call = bench.graph_us(lambda: w.run(case.q, case.kv, out=out))
         last, before = read_timeline(w)
-        stamps = summary(last, int(before.max()))
+        stamps = summary(last, int(before[:, :len(STAMPS)].max()))
         label = f"decode graph {'/'.join(map(str, heads))} {batch}x{kv_len}"
         show(label, per_call, stamps)
         results.append(dict(case=label, us=per_call, stamps=stamps))
