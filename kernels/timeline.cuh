@@ -7,7 +7,8 @@
 #pragma once
 
 #ifdef PAGEDINFER_TIMELINE
-__device__ unsigned long long timeline[2][65536][9];
+constexpr int TIMELINE_COLUMNS = 9;  // eight stamps, then the multiprocessor (benchmarks/timeline.py COLUMNS)
+__device__ unsigned long long timeline[2][65536][TIMELINE_COLUMNS];
 __device__ int timeline_calls;
 __device__ __forceinline__ unsigned long long now_ns() {
   unsigned long long t;
@@ -22,10 +23,11 @@ __device__ __forceinline__ unsigned long long sm_id() {
   asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   return sm + 1ull;
 }
-#define TIMELINE_BEGIN unsigned long long stamps[9] = {0, 0, 0, 0, 0, 0, 0, 0, sm_id()}; STAMP(0)
+#define TIMELINE_BEGIN unsigned long long stamps[TIMELINE_COLUMNS] = {0, 0, 0, 0, 0, 0, 0, 0, sm_id()}; STAMP(0)
 #define TIMELINE_WAITED STAMP(1); const int call = timeline_calls
 #define STAMPS_OUT(flip) do { if (threadIdx.x == 0) { \
-    for (int i_ = 0; i_ < 9; ++i_) timeline[call & 1][blockIdx.y * gridDim.x + blockIdx.x][i_] = stamps[i_]; \
+    for (int i_ = 0; i_ < TIMELINE_COLUMNS; ++i_) \
+      timeline[call & 1][blockIdx.y * gridDim.x + blockIdx.x][i_] = stamps[i_]; \
     if ((flip) && blockIdx.x == 0) timeline_calls = call + 1; } } while (0)
 #define TIMELINE_END(flip) __syncthreads(); STAMP(7); STAMPS_OUT(flip)
 #else
