@@ -23,7 +23,7 @@ from pagedinfer.decode import DecodeWrapper
 from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), b, n) for b, n in [(1, 2048), (1, 32768), (4, 8192), (64, 8192), (256, 4096), (128, 16384)]]
-DECODE += [((9, 3, 64), 1, 2048)]
+DECODE += [((9, 3, 64), b, n) for b, n in [(1, 2048), (16, 4096), (64, 2048), (64, 8192), (256, 4096)]]
 VERIFY = [((32, 8, 128), b, d, n) for b, d, n in [(64, 4, 2048), (64, 8, 4096), (16, 16, 8192), (1, 8, 32768)]]
 VERIFY += [((9, 3, 64), 64, 4, 2048)]
 
@@ -34,7 +34,8 @@ def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
         def _config(self, *args):
             real = decode_module._stages
             if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
-                decode_module._stages = lambda head_dim: (stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
+                decode_module._stages = lambda head_dim, rows=1: (
+                    stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
             try:
                 group, scale, cap, window, spec, kernel, target, merger = super()._config(*args)
             finally:

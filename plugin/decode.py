@@ -40,12 +40,16 @@ _MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fix
 _MERGE_APART_ROWS = 32
 
 
-def _stages(head_dim: int) -> tuple[int, int]:
-    """Pipeline depth and dynamic shared memory: as many 64-token K+V stages (2-4) as fit the budget. Rows of
-    whole 128-byte lines are stored as they are (swizzled), others padded by 8 elements (kernels/decode.cu)."""
+def _stages(head_dim: int, rows: int = 1) -> tuple[int, int]:
+    """Pipeline depth and dynamic shared memory for requests of up to `rows` query rows (tokens x group): as
+    many 64-token K+V stages (2-4) as fit the budget. Rows of whole 128-byte lines are stored as they are
+    (swizzled), others padded by 8 elements (kernels/decode.cu). Two at head dim 128 where a request fills
+    four row tiles (verification of 16 drafts at group 4): that kernel's registers allow two CTAs per SM at
+    any depth, and a third stage made verify 16 x 16 x 8192 slower on an H100 (220.6 -> 214.8 us,
+    benchmarks/results/verify-stages-ab.json)."""
     pitch = head_dim if head_dim % 64 == 0 else head_dim + 8
     stage_bytes = 2 * _TILE * pitch * 2
-    stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
+    stages = 2 if head_dim == 128 and 32 < rows <= 64 else max(2, min(4, _SMEM_PER_CTA // stage_bytes))
     return stages, stages * stage_bytes
 
 
@@ -64,12 +68,13 @@ def merge_kernel_name(dtype_tag: str, rows: int, head_dim: int, group: int) -> s
 
 
 def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, m_tiles: int = 1,
-                mask: int = NO_MASK, high_rows: bool | None = None) -> str:
-    """`high_rows`: some request has more than 8 query rows (defaults to: more than one token or group > 8)."""
+                mask: int = NO_MASK, high_rows: bool | None = None, rows: int = 1) -> str:
+    """`high_rows`: some request has more than 8 query rows (defaults to: more than one token or group > 8);
+    `rows`: the most query rows of a request (the pipeline depth, _stages)."""
     soft = "true" if soft_cap else "false"
     high = (mask != NO_MASK or m_tiles > 1 or group > 8) if high_rows is None else high_rows
-    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim)[0]}, {m_tiles}, "
-            f"{mask}, {'true' if high else 'false'}>")
+    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim, rows)[0]}, "
+            f"{m_tiles}, {mask}, {'true' if high else 'false'}>")
 
 
 # A representative set for the CI compile check: every dtype, head dim, soft-cap flag, and groups and page
@@ -78,7 +83,8 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("bf16", 128, 4, 16, False), ("fp16", 64, 3, 1, True), ("bf16", 80, 5, 256, False),
     ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
     ("fp16", 128, 7, 128, False), ("bf16", 128, 4, 16, False, 2, CAUSAL), ("fp16", 64, 3, 16, True, 4, TREE),
-    ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK)]]
+    ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK),
+    ("bf16", 128, 4, 16, False, 4, TREE, True, 64)]]
 SPECIALIZATIONS += [("decode.cu", merge_kernel_name(*spec)) for spec in [
     ("bf16", 32, 128, 4), ("fp16", 64, 64, 3), ("bf16", 64, 256, 16), ("fp16", 32, 80, 1), ("bf16", 64, 96, 7)]]
 
@@ -99,9 +105,10 @@ class KernelSpec:
 def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, max_tokens: int,
                 mask: int) -> KernelSpec:
     """decode.cu (mma.sync, every architecture from sm_80) for requests of up to `max_tokens` query tokens."""
-    m_tiles = row_tiles(max_tokens * group)
-    name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, max_tokens * group > 8)
-    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim)[1])
+    rows = max_tokens * group
+    m_tiles = row_tiles(rows)
+    name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, rows > 8, rows)
+    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, rows)[1])
 
 
 class DecodeWrapper:

@@ -10,7 +10,7 @@ from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, f
                          spec_pool, tree_mask)
 
 from pagedinfer import kernels, reference
-from pagedinfer.decode import CAUSAL, TREE, kernel_name, row_tiles
+from pagedinfer.decode import CAUSAL, TREE, decode_spec, kernel_name, row_tiles
 from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 from pagedinfer.verify import VerifyWrapper, verify
@@ -94,6 +94,17 @@ def test_row_tiles():
     assert [row_tiles(n) for n in (4, 16, 17, 32, 48, 64, 256)] == [1, 1, 2, 2, 4, 4, 4]
 
 
+def test_pipeline_depth():
+    """Two stages for head dim 128 where a request fills four row tiles (verification's 9-16 drafts at group 4);
+    three otherwise, and for the longer prefills that share the kernel."""
+    def stages(drafts, head_dim=128, group=4):
+        spec = decode_spec("bf16", head_dim, group, 16, False, drafts, CAUSAL)
+        return int(spec.name.split(", ")[5]), spec.smem
+    assert [stages(n)[0] for n in (4, 8, 9, 16, 17, 1024)] == [3, 3, 2, 2, 3, 3]
+    assert stages(16) == (2, 2 * 32768) and stages(8) == (3, 3 * 32768)
+    assert stages(16, head_dim=64)[0] == 4 and stages(16, head_dim=256)[0] == 2
+
+
 def test_query_and_mask_offsets_on_the_host():
     w = VerifyWrapper("cpu")
     starts, lens = w._query_offsets(torch.tensor([0, 3, 7], dtype=torch.int32), 2)
@@ -119,7 +130,7 @@ def warm_kernels():
     for dtype, d, g, p, cap in spec_pool(64, 77):
         for n in (4, 16):  # the row tiling of short and long draft runs
             for mask in (CAUSAL, TREE):
-                specs.append(("decode.cu", kernel_name(dtype, d, g, p, cap, row_tiles(n * g), mask, n * g > 8)))
+                specs.append(("decode.cu", kernel_name(dtype, d, g, p, cap, row_tiles(n * g), mask, n * g > 8, n * g)))
     kernels.precompile(specs, kernels.device_arch())
 
 
