@@ -10,7 +10,7 @@ from paged_cases import (DTYPES, assert_matches, build_paged, cpu_block_table, f
                          spec_pool, tree_mask)
 
 from pagedinfer import kernels, reference
-from pagedinfer.decode import CAUSAL, TREE, decode_spec, kernel_name, row_tiles
+from pagedinfer.decode import CAUSAL, TREE, decode_spec, row_tiles
 from pagedinfer.masks import pack_masks
 from pagedinfer.paged import as_paged_kv_cache, block_page_table
 from pagedinfer.verify import VerifyWrapper, verify
@@ -130,7 +130,7 @@ def warm_kernels():
     for dtype, d, g, p, cap in spec_pool(64, 77):
         for n in (4, 16):  # the row tiling of short and long draft runs
             for mask in (CAUSAL, TREE):
-                specs.append(("decode.cu", kernel_name(dtype, d, g, p, cap, row_tiles(n * g), mask, n * g > 8, n * g)))
+                specs.append(("decode.cu", decode_spec(dtype, d, g, p, cap, n, mask).name))
     kernels.precompile(specs, kernels.device_arch())
 
 
