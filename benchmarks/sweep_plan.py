@@ -1,10 +1,11 @@
 """How plan()'s choices change decode and verify times: the wave size (target CTAs) scaled by each `--mult`,
-the shortest chunk by each `--min-chunk`, and the pipeline depth of decode.cu by each `--stages` (fewer stages,
-more CTAs per SM), on the shapes where they matter. Ours only, by default; `--flashinfer` adds FlashInfer's
+the shortest chunk by each `--min-chunk`, the pipeline depth of decode.cu by each `--stages` (fewer stages,
+more CTAs per SM) and the most CTAs per SM by each `--ctas-per-sm` (shared memory padded so that no more fit;
+the wave shrinks with it), on the shapes where they matter. Ours only, by default; `--flashinfer` adds FlashInfer's
 best in the same run. Prints one table and writes sweep_plan-<ops>.json to $OUT.
 
-    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ops verify]
-        [--flashinfer]
+    python benchmarks/sweep_plan.py [--mult 0.5 1 2 4 8] [--min-chunk 64 128] [--stages 2 3] [--ctas-per-sm 1 2]
+        [--ops verify] [--flashinfer]
 """
 from __future__ import annotations
 
@@ -28,18 +29,21 @@ VERIFY = [((32, 8, 128), b, d, n) for b, d, n in [(64, 4, 2048), (64, 8, 4096), 
 VERIFY += [((9, 3, 64), 64, 4, 2048)]
 
 
-def patched(cls, mult: float, min_chunk: int | None, stages: int | None):
-    """A subclass whose plans use `mult` times the wave size, the given shortest chunk and pipeline depth."""
+def patched(cls, mult: float, min_chunk: int | None, stages: int | None, ctas_per_sm: int | None):
+    """A subclass whose plans use `mult` times the wave size, the given shortest chunk, pipeline depth and most
+    CTAs per SM (0 or None: plan()'s own)."""
     class Patched(cls):
         def _config(self, *args):
-            real = decode_module._stages
+            real, real_ctas = decode_module._stages, decode_module._ctas_per_sm
             if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
-                decode_module._stages = lambda head_dim, rows=1: (
+                decode_module._stages = lambda head_dim, rows=1, mask=0: (
                     stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
+            if ctas_per_sm:  # and the CTAs per SM from _ctas_per_sm
+                decode_module._ctas_per_sm = lambda head_dim, rows: ctas_per_sm
             try:
                 group, scale, cap, window, spec, kernel, target, merger = super()._config(*args)
             finally:
-                decode_module._stages = real
+                decode_module._stages, decode_module._ctas_per_sm = real, real_ctas
             if min_chunk:
                 spec = dataclasses.replace(spec, min_chunk=min_chunk)
             return group, scale, cap, window, spec, kernel, max(1, int(target * mult)), merger
@@ -63,11 +67,13 @@ def main():
     p.add_argument("--mult", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     p.add_argument("--min-chunk", type=int, nargs="+", default=[128])
     p.add_argument("--stages", type=int, nargs="+", default=[0], help="0: plan()'s own choice")
+    p.add_argument("--ctas-per-sm", type=int, nargs="+", default=[0], help="0: plan()'s own; 99: as many as fit")
     p.add_argument("--flashinfer", action="store_true")
     p.add_argument("--ops", nargs="+", default=["decode", "verify"])
     args = p.parse_args()
     rows = []
-    variants = [(m, c, st) for m in args.mult for c in args.min_chunk for st in args.stages]
+    variants = [(m, c, st, n) for m in args.mult for c in args.min_chunk for st in args.stages
+                for n in args.ctas_per_sm]
     cases = ([("decode", *c) for c in DECODE] if "decode" in args.ops else []) + \
             ([("verify", *c) for c in VERIFY] if "verify" in args.ops else [])
     workspace = bench._workspace("flashinfer") if args.flashinfer else None
@@ -93,7 +99,7 @@ def main():
     with open(os.path.join(out, f"sweep_plan-{'-'.join(args.ops)}.json"), "w") as f:  # one per sweep
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
     keys = ["/".join(map(str, v)) for v in variants]
-    print(f"{'case (us; mult/min_chunk/stages)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))
+    print(f"{'case (us; mult/chunk/stages/ctas)':34s} {'FI':>8s} " + " ".join(f"{k:>9s}" for k in keys))
     for r in rows:
         fi = f"{r['flashinfer_us']:8.1f}" if r["flashinfer_us"] else f"{'-':>8s}"
         print(f"{r['label']:34s} {fi} " + " ".join(f"{r['times'][k]:9.1f}" for k in keys))

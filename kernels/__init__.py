@@ -317,6 +317,14 @@ class Kernel:
                     self._function.ptr, threads, shared_mem)
         return self._occupancy[key]
 
+    def capped_shared_memory(self, shared_mem: int, ctas: int) -> int:
+        """Dynamic shared memory of at least `shared_mem` bytes with which at most `ctas` CTAs fit on one
+        multiprocessor (the kernel's registers may allow fewer)."""
+        import cupy
+        runtime = cupy.cuda.runtime
+        per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, self.device_index)
+        return max(shared_mem, per_sm // (ctas + 1) + 1)  # ctas + 1 of them would need more than the SM has
+
     def launch(self, grid, block, args, shared_mem: int = 0) -> None:
         """args: tensors (passed as pointers) and numpy scalars (passed by value, their own C type)."""
         self.launch_prepared(tuple(grid), tuple(block), tuple(_as_arg(a) for a in args), shared_mem)

@@ -16,7 +16,7 @@ device: no host work list, no copy, no device->host read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,20 +40,39 @@ _MIN_CHUNK = 2 * _TILE       # a split chunk streams at least two tiles: its fix
 _MERGE_APART_ROWS = 32
 
 
-def _stages(head_dim: int, rows: int = 1) -> tuple[int, int]:
+NO_MASK, CAUSAL, TREE, CUSTOM = 0, 1, 2, 3  # kernels/decode.cu: Mask
+
+
+def _stages(head_dim: int, rows: int = 1, mask: int = NO_MASK) -> tuple[int, int]:
     """Pipeline depth and dynamic shared memory for requests of up to `rows` query rows (tokens x group): as
     many 64-token K+V stages (2-4) as fit the budget. Rows of whole 128-byte lines are stored as they are
-    (swizzled), others padded by 8 elements (kernels/decode.cu). Two at head dim 128 where a request fills
-    four row tiles (verification of 16 drafts at group 4): that kernel's registers allow two CTAs per SM at
-    any depth, and a third stage made verify 16 x 16 x 8192 slower on an H100 (220.6 -> 214.8 us,
-    benchmarks/results/verify-stages-ab.json)."""
+    (swizzled), others padded by 8 elements (kernels/decode.cu). Where a request fills four row tiles at head
+    dim 128 (verification of 9-16 drafts at group 4): four stages, which leave one CTA per SM, without a
+    per-element mask (verify 16 x 16 x 8192 causal 215.3 -> 200.0 us on an H100,
+    benchmarks/results/sweep_plan-decode-verify.json); two, and two CTAs per SM, with a tree or custom mask,
+    whose extra work per key kept one CTA busy (tree 217.3 us at two stages, 234.2 at four:
+    benchmarks/results/verify-16x16x8192.json, benchmarks/results/verify.json)."""
     pitch = head_dim if head_dim % 64 == 0 else head_dim + 8
     stage_bytes = 2 * _TILE * pitch * 2
-    stages = 2 if head_dim == 128 and 32 < rows <= 64 else max(2, min(4, _SMEM_PER_CTA // stage_bytes))
+    if head_dim == 128 and 32 < rows <= 64:
+        stages = 4 if mask in (NO_MASK, CAUSAL) else 2
+    else:
+        stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
     return stages, stages * stage_bytes
 
 
-NO_MASK, CAUSAL, TREE, CUSTOM = 0, 1, 2, 3  # kernels/decode.cu: Mask
+def _ctas_per_sm(head_dim: int, rows: int) -> int:
+    """The most CTAs of a kernel for `rows` query rows per request that may share a multiprocessor (0: as many
+    as fit). Where there is little work per byte read, fewer streams, each as deep, read the paged cache faster
+    on an H100 (`sweep_plan.py --ctas-per-sm`, benchmarks/results/sweep_plan-decode-verify.json): one for
+    decode at head dim 128 (1 x 2048 graph 8.1 -> 7.3 us, 64 x 8192 705.6 -> 702.0, 128 x 16384 2806 -> 2784),
+    two for verify's one row tile at head dim 64 (9/3/64 64 x 4 x 2048 57.4 -> 52.7 us). Decode at head dim 64
+    keeps three (64 x 8192: 148.0 us, two: 152.1) and verify at 128 two (64 x 8 x 4096: 378.8 us, one: 388.1)."""
+    if head_dim == 128 and rows <= 8:
+        return 1
+    if head_dim == 64 and 8 < rows <= 16:
+        return 2
+    return 0
 
 
 def row_tiles(rows: int) -> int:
@@ -73,7 +92,7 @@ def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     `rows`: the most query rows of a request (the pipeline depth, _stages)."""
     soft = "true" if soft_cap else "false"
     high = (mask != NO_MASK or m_tiles > 1 or group > 8) if high_rows is None else high_rows
-    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim, rows)[0]}, "
+    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim, rows, mask)[0]}, "
             f"{m_tiles}, {mask}, {'true' if high else 'false'}>")
 
 
@@ -84,7 +103,7 @@ SPECIALIZATIONS = [("decode.cu", kernel_name(*spec)) for spec in [
     ("fp16", 96, 8, 32, True), ("bf16", 256, 16, 8, False), ("bf16", 64, 1, 64, False),
     ("fp16", 128, 7, 128, False), ("bf16", 128, 4, 16, False, 2, CAUSAL), ("fp16", 64, 3, 16, True, 4, TREE),
     ("bf16", 256, 16, 1, False, 4, CAUSAL), ("bf16", 96, 2, 64, False, 4, CUSTOM), ("fp16", 80, 1, 8, True, 4, NO_MASK),
-    ("bf16", 128, 4, 16, False, 4, TREE, True, 64)]]
+    ("bf16", 128, 4, 16, False, 4, TREE, True, 64), ("bf16", 128, 4, 16, False, 4, CAUSAL, True, 64)]]
 SPECIALIZATIONS += [("decode.cu", merge_kernel_name(*spec)) for spec in [
     ("bf16", 32, 128, 4), ("fp16", 64, 64, 3), ("bf16", 64, 256, 16), ("fp16", 32, 80, 1), ("bf16", 64, 96, 7)]]
 
@@ -100,6 +119,7 @@ class KernelSpec:
     min_chunk: int  # shortest split chunk, in keys
     smem: int       # dynamic shared memory, bytes
     persistent: bool = False  # one wave of CTAs, each taking (item, KV head) pairs until none are left
+    ctas_per_sm: int = 0  # the most CTAs sharing a multiprocessor (0: as many as fit); plan() pads smem for it
 
 
 def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_cap: bool, max_tokens: int,
@@ -108,7 +128,8 @@ def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     rows = max_tokens * group
     m_tiles = row_tiles(rows)
     name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, rows > 8, rows)
-    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, rows)[1])
+    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, rows, mask)[1],
+                      ctas_per_sm=_ctas_per_sm(head_dim, rows))
 
 
 class DecodeWrapper:
@@ -358,6 +379,8 @@ class DecodeWrapper:
         spec = self._kernel_spec(_DTYPE_TAGS[q_dtype], head_dim, group, page_size, cap > 0, max_tokens, mask)
         from .kernels import get_kernel
         kernel = get_kernel(spec.source, spec.name, device_index=self.device.index)
+        if spec.ctas_per_sm:
+            spec = replace(spec, smem=kernel.capped_shared_memory(spec.smem, spec.ctas_per_sm))
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         target = max(1, kernel.max_active_blocks(spec.threads, spec.smem)) * sms  # one full wave of CTAs
         merger = (get_kernel(spec.source, merge_kernel_name(_DTYPE_TAGS[q_dtype], spec.rows, head_dim, group),

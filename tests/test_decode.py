@@ -13,7 +13,7 @@ import torch
 from paged_cases import DTYPES, assert_matches, build_paged, fuzz, random_queries, run_planned, spec_pool
 
 from pagedinfer import kernels, reference
-from pagedinfer.decode import SPECIALIZATIONS, DecodeWrapper, decode, kernel_name
+from pagedinfer.decode import NO_MASK, SPECIALIZATIONS, DecodeWrapper, decode, decode_spec, kernel_name
 from pagedinfer.paged import as_paged_kv_cache, block_page_table, csr_page_table
 
 
@@ -105,6 +105,24 @@ def test_table_rejects_unsupported_page_size_and_bad_ids():
 def test_graph_mode_needs_capacities():
     with pytest.raises(ValueError, match="max_batch_size, max_pages: expected positive capacities"):
         DecodeWrapper("cpu", use_cuda_graph=True)
+
+
+def test_one_cta_per_sm_at_head_dim_128():
+    """Decode's kernels at head dim 128 (up to 8 query rows) ask plan() to pad their shared memory to one CTA per
+    multiprocessor; other head dims, and more rows, take as many as fit."""
+    def cap(head_dim, group):
+        return decode_spec("bf16", head_dim, group, 16, False, 1, NO_MASK).ctas_per_sm
+    assert [cap(128, g) for g in (1, 4, 8, 16)] == [1, 1, 1, 0]
+    assert [cap(d, 4) for d in (64, 80, 96, 256)] == [0, 0, 0, 0]
+
+
+@pytest.mark.gpu
+def test_plan_pads_shared_memory_to_one_cta_per_sm():
+    case = make_case(np.random.default_rng(5), ("bf16", 128, 4, 16, False), lens=[300, 5000], batch=2)
+    wrapper = DecodeWrapper(kv_layout=case["layout"])
+    check_against_reference(case, *run_case(case, wrapper))
+    p = wrapper._plan
+    assert p["smem"] > 3 * 32768 and p["kernel"].max_active_blocks(p["threads"][0], p["smem"]) == 1
 
 
 def test_run_before_plan():
