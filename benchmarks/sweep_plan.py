@@ -36,7 +36,7 @@ def patched(cls, mult: float, min_chunk: int | None, stages: int | None, ctas_pe
         def _config(self, *args):
             real, real_ctas = decode_module._stages, decode_module._ctas_per_sm
             if stages:  # kernel_name and decode_spec read the depth and shared memory from _stages
-                decode_module._stages = lambda head_dim, rows=1, mask=0: (
+                decode_module._stages = lambda head_dim, rows=1: (
                     stages, stages * (real(head_dim)[1] // real(head_dim)[0]))
             if ctas_per_sm:  # and the CTAs per SM from _ctas_per_sm
                 decode_module._ctas_per_sm = lambda head_dim, rows: ctas_per_sm

@@ -1,9 +1,10 @@
 """Where a decode or verify launch spends its time: every kernel compiled with PAGEDINFER_TIMELINE (thread 0 of
 each working CTA of decode.cu stamps %globaltimer: entry, after the wait for the kernel before, item loaded,
-first tile in shared memory, last tile done, result or partial stored, merge won, merged; and its
-multiprocessor) plus any defines named as NAME=D1,D2 (ab.py's form). For each case it prints each stamp's min /
-median / max over the working CTAs, in us, and how many CTAs shared a multiprocessor with another working CTA
-(with their median 'loop done' against the others'):
+first tile in shared memory, last tile done, result or partial stored, merge won, merged, half its tiles done;
+and its multiprocessor) plus any defines named as NAME=D1,D2 (ab.py's form). For each case it prints each stamp's
+min / median / max over the working CTAs, in us, and how many CTAs shared a multiprocessor with another working
+CTA (with their median 'loop done' against the others'); the JSON also has every working CTA's stamps for the
+decode cases:
 - decode under CUDA-graph replay (20 calls), for the last call, from the end of the call before (its last
   stamp): the kernel-to-kernel gap is in the first rows;
 - verify eagerly, once after an L2 flush (as bench.median_us times it), from the launch's first entry stamp.
@@ -24,16 +25,18 @@ from pagedinfer.verify import VerifyWrapper
 
 DECODE = [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 4, 8192), ((9, 3, 64), 1, 2048)]
 VERIFY = [((9, 3, 64), 64, 4, 2048), ((32, 8, 128), 1, 8, 32768)]
-STAMPS = ["entry", "waited", "item", "first tile", "loop done", "stored", "merge won", "merged"]
+STAMPS = ["entry", "waited", "item", "first tile", "loop done", "stored", "merge won", "merged", "half way"]
 COLUMNS = len(STAMPS) + 1  # then the multiprocessor + 1 (kernels/timeline.cuh)
 TABLE_BYTES = 2 * 65536 * COLUMNS * 8
 
 
 def read_timeline(wrapper):
-    """(stamps of the last launch, of the one before): [working CTAs, COLUMNS], ns, 0 where a CTA did not stamp. The
-    kernel alternates two tables (a launch's merge of request 0 flips them); the later one is the last."""
-    raw = np.frombuffer(_copy(_timeline(wrapper), TABLE_BYTES), np.uint64)
-    tables = [t[t[:, 0] > 0] for t in raw.reshape(2, 65536, COLUMNS).astype(np.int64)]
+    """(stamps of the last launch, of the one before): [working CTAs, COLUMNS + 1], ns, 0 where a CTA did not stamp,
+    then the CTA's index in the grid (blockIdx.y * gridDim.x + blockIdx.x). The kernel alternates two tables (a
+    launch's merge of request 0 flips them); the later one is the last."""
+    raw = np.frombuffer(_copy(_timeline(wrapper), TABLE_BYTES), np.uint64).reshape(2, 65536, COLUMNS).astype(np.int64)
+    tables = [np.concatenate([t, np.arange(65536)[:, None]], 1) for t in raw]
+    tables = [t[t[:, 0] > 0] for t in tables]
     return sorted(tables, key=lambda t: t[:, :len(STAMPS)].max() if t.size else 0, reverse=True)
 
 
@@ -94,10 +97,13 @@ def main():
         out = torch.empty_like(case.q)
         per_call = bench.graph_us(lambda: w.run(case.q, case.kv, out=out))
         last, before = read_timeline(w)
-        stamps = summary(last, int(before[:, :len(STAMPS)].max()))
+        origin = int(before[:, :len(STAMPS)].max())
+        stamps = summary(last, origin)
         label = f"decode graph {'/'.join(map(str, heads))} {batch}x{kv_len}"
         show(label, per_call, stamps)
-        results.append(dict(case=label, us=per_call, stamps=stamps))
+        ctas = [[int(r[-1]), int(r[len(STAMPS)]) - 1] + [round((int(x) - origin) / 1e3, 3) if x else None
+                                                        for x in r[:len(STAMPS)]] for r in last]
+        results.append(dict(case=label, us=per_call, stamps=stamps, ctas=ctas))  # [index, SM, stamps...]
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for heads, batch, drafts, kv_len in VERIFY:
         case = case_inputs(heads, batch, kv_len, drafts)

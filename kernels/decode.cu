@@ -228,6 +228,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     if (t == 0) STAMP(3);
+    if (t == n_tiles / 2) STAMP(8);
     // Once every thread is done with the stage it overwrites: tile t + STAGES - 1's copies, with the page
     // ids of tile t + LOOK.
     if (t + STAGES - 1 < n_tiles) {
@@ -265,14 +266,24 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
 #pragma unroll
       for (int j = 0; j < JOINT; ++j) {
         const int first = first0 + j * 16;
-        const bool edge = MASK == CUSTOM || first + 16 > it.end || first + 16 > prefix || first < window_until;
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float x = s[j][n][e] * qk_scale;
             if (SOFT_CAP) x = cap_log2 * (1.f - 2.f / (1.f + fast_exp2(x * 2.885390081777927f)));  // tanh
-            if (edge) {
+            s[j][n][e] = x;
+          }
+        // One branch around the whole step (the same for the warp): tested per element, the tree mask's test
+        // compiled to a branch per element that every step paid, which one CTA per SM could not hide (verify
+        // 16 x 16 x 8192 tree at four stages: 234.2 us, now 201.9 against causal's 200.7). In one process
+        // (benchmarks/results/edge-branch-ab*.json): decode 1 x 2048 graph 7.41 -> 7.06 us, verification of
+        // one or two row tiles from 1.0% faster to 0.2% slower, causal verification of four 1.0-1.6% slower.
+        if (MASK == CUSTOM || first + 16 > it.end || first + 16 > prefix || first < window_until) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
               const int key = first + n * 8 + 2 * t4 + (e & 1), h = e / 2;
               const int draft = key - prefix;  // >= 0 for the drafts' own keys
               bool visible = key < it.end && (window_left < 0 || key >= prefix + tok[h] - window_left);
@@ -280,10 +291,9 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
               if (MASK == TREE) visible = visible && (draft < 0 || ((tree[h] >> draft) & 1u));
               if (MASK == CUSTOM && visible)
                 visible = real[h] && custom_bit(mask_bits, rq.mask_offset, rq.kv_len, tok[h], key);
-              x = visible ? x : NEG_INF;
+              if (!visible) s[j][n][e] = NEG_INF;
             }
-            s[j][n][e] = x;
-          }
+        }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

@@ -43,21 +43,16 @@ _MERGE_APART_ROWS = 32
 NO_MASK, CAUSAL, TREE, CUSTOM = 0, 1, 2, 3  # kernels/decode.cu: Mask
 
 
-def _stages(head_dim: int, rows: int = 1, mask: int = NO_MASK) -> tuple[int, int]:
+def _stages(head_dim: int, rows: int = 1) -> tuple[int, int]:
     """Pipeline depth and dynamic shared memory for requests of up to `rows` query rows (tokens x group): as
     many 64-token K+V stages (2-4) as fit the budget. Rows of whole 128-byte lines are stored as they are
-    (swizzled), others padded by 8 elements (kernels/decode.cu). Where a request fills four row tiles at head
-    dim 128 (verification of 9-16 drafts at group 4): four stages, which leave one CTA per SM, without a
-    per-element mask (verify 16 x 16 x 8192 causal 215.3 -> 200.0 us on an H100,
-    benchmarks/results/sweep_plan-decode-verify.json); two, and two CTAs per SM, with a tree or custom mask,
-    whose extra work per key kept one CTA busy (tree 217.3 us at two stages, 234.2 at four:
-    benchmarks/results/verify-16x16x8192.json, benchmarks/results/verify.json)."""
+    (swizzled), others padded by 8 elements (kernels/decode.cu). Four at head dim 128 where a request fills four
+    row tiles (verification of 9-16 drafts at group 4), which leaves one CTA per SM (verify 16 x 16 x 8192
+    causal 215.3 -> 200.0 us on an H100, benchmarks/results/sweep_plan-decode-verify.json; tree 201.9 us,
+    benchmarks/results/verify.json)."""
     pitch = head_dim if head_dim % 64 == 0 else head_dim + 8
     stage_bytes = 2 * _TILE * pitch * 2
-    if head_dim == 128 and 32 < rows <= 64:
-        stages = 4 if mask in (NO_MASK, CAUSAL) else 2
-    else:
-        stages = max(2, min(4, _SMEM_PER_CTA // stage_bytes))
+    stages = 4 if head_dim == 128 and 32 < rows <= 64 else max(2, min(4, _SMEM_PER_CTA // stage_bytes))
     return stages, stages * stage_bytes
 
 
@@ -92,7 +87,7 @@ def kernel_name(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     `rows`: the most query rows of a request (the pipeline depth, _stages)."""
     soft = "true" if soft_cap else "false"
     high = (mask != NO_MASK or m_tiles > 1 or group > 8) if high_rows is None else high_rows
-    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim, rows, mask)[0]}, "
+    return (f"decode<{dtype_tag}, {head_dim}, {group}, {page_size}, {soft}, {_stages(head_dim, rows)[0]}, "
             f"{m_tiles}, {mask}, {'true' if high else 'false'}>")
 
 
@@ -128,7 +123,7 @@ def decode_spec(dtype_tag: str, head_dim: int, group: int, page_size: int, soft_
     rows = max_tokens * group
     m_tiles = row_tiles(rows)
     name = kernel_name(dtype_tag, head_dim, group, page_size, soft_cap, m_tiles, mask, rows > 8, rows)
-    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, rows, mask)[1],
+    return KernelSpec("decode.cu", name, _THREADS, 16 * m_tiles, _TILE, _MIN_CHUNK, _stages(head_dim, rows)[1],
                       ctas_per_sm=_ctas_per_sm(head_dim, rows))
 
 

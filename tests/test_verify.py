@@ -95,14 +95,14 @@ def test_row_tiles():
 
 
 def test_pipeline_depth_and_ctas_per_sm():
-    """Causal verification that fills four row tiles at head dim 128 (9-16 drafts at group 4): four stages, which
-    leave one CTA per SM; with a tree mask two. Three otherwise, and for the longer prefills that share the
+    """Verification that fills four row tiles at head dim 128 (9-16 drafts at group 4): four stages, which leave
+    one CTA per SM, with either mask. Three otherwise, and for the longer prefills that share the
     kernel. At most two CTAs per SM for one row tile at head dim 64 (4 drafts at group 3); no cap for the others."""
     def stages(drafts, head_dim=128, group=4, mask=CAUSAL):
         spec = decode_spec("bf16", head_dim, group, 16, False, drafts, mask)
         return int(spec.name.split(", ")[5]), spec.smem, spec.ctas_per_sm
     assert [stages(n)[0] for n in (4, 8, 9, 16, 17, 1024)] == [3, 3, 4, 4, 3, 3]
-    assert [stages(n, mask=TREE)[0] for n in (4, 9, 16, 17)] == [3, 2, 2, 3]
+    assert [stages(n, mask=TREE)[0] for n in (4, 9, 16, 17)] == [3, 4, 4, 3]
     assert stages(16) == (4, 4 * 32768, 0) and stages(8) == (3, 3 * 32768, 0)
     assert stages(16, head_dim=64)[0] == 4 and stages(16, head_dim=256)[0] == 2
     assert [stages(n, head_dim=64, group=3)[2] for n in (2, 4, 5, 6, 16)] == [0, 2, 2, 0, 0]
