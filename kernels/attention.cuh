@@ -47,27 +47,26 @@ __device__ __forceinline__ void sync_threads_in() {
   else asm volatile("bar.sync 15, %0;" :: "n"(THREADS_IN) : "memory");
 }
 
-// A device-scope fence between the chunks' partial results and the merge counter: acquire-release is all
-// the counter needs (__threadfence is sequentially consistent; measured 0.2 us slower at decode 1 x 2048).
-__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-
 // After a chunk stored its partial result: true in every thread of the CTA (or of its first THREADS_IN
 // threads) that finished its (request, row block, KV head) last, which then merges all chunks. Resets the
-// counter for the next launch.
+// counter for the next launch. Thread 0's count is an acquire-release atomic: it releases this CTA's partial
+// (the barrier before it puts every thread's stores ahead, and release is cumulative) and, in the last CTA,
+// acquires the others' (the barrier after it orders every thread's loads behind). A fence on each side
+// instead put a second MEMBAR before the last CTA's loads (H200, graph replay: decode 1 x 2048 6.62 -> 6.34 us,
+// 9/3/64 1 x 2048 6.04 -> 5.73; benchmarks/results/merge-acqrel-ab.json).
 template <int THREADS_IN = 0>
 __device__ __forceinline__ bool last_chunk(const Item& it, int* counters, int kv_head, int kv_heads) {
   __shared__ int is_last;
-  sync_threads_in<THREADS_IN>();  // every thread's stores come before thread 0's fence, which covers them (cumulative)
+  sync_threads_in<THREADS_IN>();
   if (threadIdx.x == 0) {
-    fence_gpu();
     int* counter = counters + (i64)it.first_slot * kv_heads + kv_head;
-    is_last = atomicAdd(counter, 1) == it.chunks - 1;
+    int before;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+    is_last = before == it.chunks - 1;
     if (is_last) *counter = 0;  // ready for the next launch (or graph replay)
   }
   sync_threads_in<THREADS_IN>();
-  const bool last = is_last;
-  if (last) fence_gpu();  // see the other CTAs' partial results
-  return last;
+  return is_last;
 }
 
 // Merges dims 4 * d4 .. + 3 of row `row` of a (request, row block) (pair = row * HEAD_DIM / 4 + d4) over all
@@ -98,15 +97,20 @@ __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, in
   };
   constexpr int BLOCK = 16;
   const int n_chunks = real ? it.chunks : 0;
+  // The first chunk's row; a chunk's is `slot_rows` rows further (partial_row's layout).
+  const i64 first_row = ((i64)it.first_slot * kv_heads + kv_head) * ROWS + row;
+  const int slot_rows = kv_heads * ROWS;
+  const float* first_lse = partial_lse + first_row;
+  const float4* first_o = reinterpret_cast<const float4*>(partial_o + first_row * HEAD_DIM) + d4;
   for (int c0 = sub; c0 < n_chunks; c0 += BLOCK * lanes) {
     float part_lse[BLOCK];
     float4 part[BLOCK];
 #pragma unroll
     for (int j = 0; j < BLOCK; ++j) {  // past the last chunk: the last one's again, weighed 0 (no branches)
       const int c = c0 + j * lanes;
-      const i64 at = ((i64)(it.first_slot + min(c, n_chunks - 1)) * kv_heads + kv_head) * ROWS + row;
-      part_lse[j] = c < n_chunks ? __ldcg(partial_lse + at) : NEG_INF;
-      part[j] = __ldcg(reinterpret_cast<const float4*>(partial_o + at * HEAD_DIM) + d4);
+      const i64 step = min(c, n_chunks - 1) * slot_rows;
+      part_lse[j] = c < n_chunks ? __ldcg(first_lse + step) : NEG_INF;
+      part[j] = __ldcg(first_o + step * (HEAD_DIM / 4));
     }
     // The block's own log-sum-exp (every load is needed for its max, so they are all in flight at once),
     // then folded in; a chunk's output is normalised (weight sum 1).
