@@ -34,10 +34,10 @@ __device__ __forceinline__ bool custom_bit(const unsigned char* mask, int offset
   return (mask[offset + (bit >> 3)] >> (bit & 7)) & 1;
 }
 
-// Where a split chunk leaves row `row` of its partial result: [slots, kv heads, ROWS] rows.
+// Where the chunk of partial slot `slot` leaves row `row` of its partial result: [slots, kv heads, ROWS] rows.
 template <int ROWS>
-__device__ __forceinline__ i64 partial_row(const Item& it, int kv_head, int kv_heads, int row) {
-  return ((i64)it.slot * kv_heads + kv_head) * ROWS + row;
+__device__ __forceinline__ i64 partial_row(int slot, int kv_head, int kv_heads, int row) {
+  return ((i64)slot * kv_heads + kv_head) * ROWS + row;
 }
 
 // A barrier over the CTA, or over its first THREADS_IN threads (named barrier 15) where the others have left.
@@ -98,7 +98,7 @@ __device__ __forceinline__ void merge_pair(const Item& it, const Request& rq, in
   constexpr int BLOCK = 16;
   const int n_chunks = real ? it.chunks : 0;
   // The first chunk's row; a chunk's is `slot_rows` rows further (partial_row's layout).
-  const i64 first_row = ((i64)it.first_slot * kv_heads + kv_head) * ROWS + row;
+  const i64 first_row = partial_row<ROWS>(it.first_slot, kv_head, kv_heads, row);
   const int slot_rows = kv_heads * ROWS;
   const float* first_lse = partial_lse + first_row;
   const float4* first_o = reinterpret_cast<const float4*>(partial_o + first_row * HEAD_DIM) + d4;

@@ -418,7 +418,7 @@ decode(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_head,
                      Half<T>::pack2(acc[4], acc[5]), Half<T>::pack2(acc[6], acc[7]));
       if (lse != nullptr && dim == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
     } else {
-      const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
+      const i64 at = partial_row<ROWS>(it.slot, kv_head, kv_heads, row);
       float4* dst = reinterpret_cast<float4*>(partial_o + at * HEAD_DIM + dim);
       dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
       dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);

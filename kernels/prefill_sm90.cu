@@ -622,7 +622,7 @@ prefill_sm90_kernel(const u16* __restrict__ q, i64 q_stride_tok, i64 q_stride_he
             *reinterpret_cast<u32*>(dst + b * 64 + 8 * j) = Half<T>::pack2(o[b][4 * j + 2 * h] * inv, o[b][4 * j + 2 * h + 1] * inv);
         if (lse != nullptr && t4 == 0) lse[(i64)token * q_heads + qh] = lse2 * LN2;
       } else {
-        const i64 at = partial_row<ROWS>(it, kv_head, kv_heads, row);
+        const i64 at = partial_row<ROWS>(it.slot, kv_head, kv_heads, row);
         float* dst = partial_o + at * HEAD_DIM + 2 * t4;
 #pragma unroll
         for (int b = 0; b < S::BLOCKS; ++b)
